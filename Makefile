@@ -1,0 +1,31 @@
+# phitune: `make demo` fine-tunes the demo model; `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.phitune-installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# Rebuilt whenever the pinned requirements or the package metadata change.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	bash examples/demo.sh
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

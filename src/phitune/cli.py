@@ -1,0 +1,51 @@
+"""`phitune <command>`: one entry point; each command is a module with add_parser() and main()."""
+import argparse
+import importlib
+import os
+import sys
+
+from phitune import __version__
+from phitune.errors import PhituneError
+
+# command -> (module, one-line help). Modules are imported only when their command runs,
+# so `phitune --help` stays fast.
+COMMANDS = {
+    "train": ("phitune.train", "fine-tune a model with LoRA on a JSONL dataset"),
+    "generate": ("phitune.generate", "answer prompts with a base model or a trained adapter"),
+}
+
+
+def build_parser(argv):
+    parser = argparse.ArgumentParser(prog="phitune", description="Fine-tune small language models with LoRA.")
+    parser.add_argument("--version", action="version", version=f"phitune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        if wanted in COMMANDS and name != wanted:
+            sub.add_parser(name, help=help_text)
+            continue
+        mod = importlib.import_module(module) if name == wanted else None
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if mod is not None:
+            mod.add_parser(p)
+            p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return 2 if args.command is None else 0
+    try:
+        code = args._main(args)
+    except PhituneError as e:
+        print(f"phitune {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\nphitune {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,229 @@
+"""Typed run configuration. Each dataclass field is a CLI flag and a `--config` YAML key.
+
+Precedence: dataclass default < YAML file < flags given on the command line.
+"""
+import argparse
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from phitune.errors import ConfigError, PhituneError
+
+
+def opt(default, help, **extra):
+    meta = {"help": help, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_of(f):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+@dataclass
+class ModelArgs:
+    model: str = opt("microsoft/phi-2", "hub id, local directory, .gguf file, or the demo alias smollm2-135m-instruct")
+    trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code (off unless asked)")
+    precision: str = opt("auto", "auto | bf16 | fp32 | fp16: compute precision (auto: bf16 where the device supports it)",
+                         choices=("auto", "bf16", "fp32", "fp16"))
+
+    def __post_init__(self):
+        if not self.model:
+            raise ConfigError("model", "is empty; give a hub id, a directory, a .gguf file or smollm2-135m-instruct")
+
+
+@dataclass
+class LoraArgs:
+    lora_r: int = opt(8, "LoRA rank: the width of the low-rank update")
+    lora_alpha: float = opt(32, "LoRA scaling numerator (update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input, 0 to 1")
+    target_modules: list = opt(["all"], "a preset (all, attention, mlp, qv) or module names, e.g. q_proj v_proj",
+                               nargs="+")
+    layers: Optional[str] = opt(None, "decoder layers that get adapters, e.g. 0-15,30 (default: all)")
+    use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA): slower steps, often better quality")
+    use_rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r), for high ranks")
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            self.target_modules = self.target_modules.replace(",", " ").split()
+        if self.lora_r < 1:
+            raise ConfigError("lora_r", f"must be a positive integer, got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError("lora_alpha", f"must be > 0 (the update is scaled by alpha/r), got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if not self.target_modules:
+            raise ConfigError("target_modules", "is empty; use a preset such as all or attention, or module names")
+
+
+@dataclass
+class DataArgs:
+    dataset_path: Optional[str] = opt(None, "training data, JSONL: prompt/response, prompt/completion, alpaca, "
+                                            "messages or text records")
+    val_path: Optional[str] = opt(None, "validation data, JSONL (default: --val_split of the training data)")
+    val_split: float = opt(0.1, "fraction of the training data held out for validation; 0 turns validation off")
+    max_length: int = opt(1024, "longest example in tokens; longer ones follow --long_examples")
+    long_examples: str = opt("truncate", "truncate: cut the answer's end (no EOS is trained on a cut answer); "
+                                         "drop: skip the example. Both are counted", choices=("truncate", "drop"))
+    train_on_prompt: bool = opt(False, "also train on prompt tokens (default: loss on the answer only)")
+    template: str = opt("auto", "auto | chat | phi2: chat uses the tokenizer's chat template, phi2 the "
+                                "'Instruct: ...\\nOutput: ...' format; auto picks chat when the tokenizer has one",
+                        choices=("auto", "chat", "phi2"))
+    system_prompt: Optional[str] = opt(None, "system prompt put before every example (and used at chat time)")
+
+    def __post_init__(self):
+        if not 0 <= self.val_split < 1:
+            raise ConfigError("val_split", f"must be in [0, 1), got {self.val_split}")
+        if self.max_length < 8:
+            raise ConfigError("max_length", f"must be at least 8 tokens, got {self.max_length}")
+
+
+@dataclass
+class TrainArgs:
+    output_dir: Optional[str] = opt(None, "where checkpoints, metrics and final_adapter/ are written")
+    batch_size: int = opt(4, "examples per micro-batch")
+    epochs: float = opt(20, "passes over the training data")
+    gradient_accumulation_steps: int = opt(16, "micro-batches per optimizer step (effective batch = "
+                                               "batch_size x this x processes)")
+    learning_rate: float = opt(2e-4, "peak learning rate (AdamW, cosine decay)")
+    warmup_ratio: float = opt(0.05, "fraction of optimizer steps spent warming the learning rate up")
+    weight_decay: float = opt(0.0, "AdamW weight decay on LoRA weights")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 turns clipping off")
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward: less memory, ~30% slower steps")
+    torch_compile: bool = opt(False, "compile the model with torch.compile (pays off on long runs)")
+    seed: int = opt(42, "seed for data order, validation split, LoRA init and dropout")
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (overrides --epochs)")
+    eval_steps: Optional[int] = opt(None, "also validate every N optimizer steps (always at each epoch end)")
+    save_steps: Optional[int] = opt(None, "checkpoint every N optimizer steps (always at each epoch end)")
+    save_total_limit: int = opt(2, "checkpoints kept on disk (oldest removed first)")
+    early_stopping_patience: Optional[int] = opt(None, "stop after N validations without a better loss")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in --output_dir")
+    logging_steps: int = opt(1, "write metrics every N optimizer steps")
+    max_nonfinite_steps: int = opt(10, "stop after this many optimizer steps in a row with a NaN/inf loss or "
+                                       "gradient (each one is skipped and counted)")
+
+    def __post_init__(self):
+        for name in ("batch_size", "gradient_accumulation_steps", "save_total_limit", "logging_steps",
+                     "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(name, f"must be >= 1 when given, got {value}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError("learning_rate", f"must be a positive number, got {self.learning_rate}")
+        if not self.epochs > 0:
+            raise ConfigError("epochs", f"must be > 0, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError("max_grad_norm" if self.max_grad_norm < 0 else "weight_decay", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs
+    lora: LoraArgs
+    data: DataArgs
+    train: TrainArgs
+
+    def to_dict(self):
+        out = {}
+        for part in (self.model, self.lora, self.data, self.train):
+            out.update(dataclasses.asdict(part))
+        return out
+
+
+GROUPS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs}
+
+
+def _base_type(tp):
+    if typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def add_arguments(parser, groups=GROUPS):
+    """Add one flag per dataclass field; defaults are SUPPRESSed so we can tell which flags were given."""
+    for title, cls in groups.items():
+        group = parser.add_argument_group(title)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = _base_type(hints[f.name])
+            default = default_of(f)
+            shown = " ".join(default) if isinstance(default, list) else default
+            help_text = f"{f.metadata['help']} (default: {shown})"
+            kw = dict(default=argparse.SUPPRESS, help=help_text)
+            if kind is bool:
+                group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+            elif kind is list:
+                group.add_argument(f"--{f.name}", nargs="+", **kw)
+            else:
+                group.add_argument(f"--{f.name}", type=kind, choices=f.metadata.get("choices"), **kw)
+    parser.add_argument("--config", help="YAML file of the same fields; flags given on the command line win")
+
+
+def load_yaml(path):
+    p = Path(path)
+    if not p.is_file():
+        raise PhituneError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise PhituneError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise PhituneError(f"{path}: expected a mapping of field: value at the top level")
+    return data
+
+
+def build_config(args, groups=GROUPS):
+    """Merge dataclass defaults, the --config YAML and explicit flags, then validate every field."""
+    known = {f.name: name for name, cls in groups.items() for f in dataclasses.fields(cls)}
+    values = {}
+    if getattr(args, "config", None):
+        data = load_yaml(args.config)
+        for key, value in data.items():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigError(f"{args.config}: {key}", f"unknown key{hint}")
+            values[key] = value
+    values.update({k: v for k, v in vars(args).items() if k in known})
+    parts = {}
+    for name, cls in groups.items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                kwargs[f.name] = _coerce(f.name, values[f.name], _base_type(hints[f.name]), f)
+        parts[name] = cls(**kwargs)
+    return parts
+
+
+def _coerce(name, value, kind, f):
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if kind is list:
+            return value if isinstance(value, list) else str(value).replace(",", " ").split()
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"expected {kind.__name__}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value

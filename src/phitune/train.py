@@ -1,0 +1,306 @@
+"""`phitune train`: LoRA fine-tuning with a plain loop on Accelerate.
+
+Read top to bottom: data -> model -> adapters -> optimizer -> (resume) -> loop -> final adapter.
+"""
+import math
+import os
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from phitune import adapters, checkpoints, data, models
+from phitune.config import RunConfig, add_arguments, build_config
+from phitune.errors import ConfigError, PhituneError
+from phitune.loss import AnswerLoss
+from phitune.report import MetricsLog, ppl, summary
+from phitune.templates import Template
+
+
+def add_parser(parser):
+    add_arguments(parser)
+
+
+def main(args):
+    parts = build_config(args)
+    cfg = RunConfig(**parts)
+    if not cfg.data.dataset_path:
+        raise ConfigError("dataset_path", "is required: the JSONL file to train on")
+    if not cfg.train.output_dir:
+        raise ConfigError("output_dir", "is required: where the adapter and checkpoints go")
+    train(cfg)
+
+
+def log(accelerator, *lines):
+    if accelerator.is_main_process:
+        for line in lines:
+            tqdm.write(line, file=sys.stderr)
+
+
+def train(cfg):
+    """Run one fine-tuning job described by a RunConfig; returns the final adapter directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    t = cfg.train
+    out = Path(t.output_dir)
+    # ---- inputs first: a bad line or field fails in seconds, before any weights are loaded
+    train_records, fmt = data.read_jsonl(cfg.data.dataset_path)
+    if cfg.data.val_path:
+        val_records, _ = data.read_jsonl(cfg.data.val_path)
+    else:
+        train_records, val_records = data.split_validation(train_records, cfg.data.val_split, t.seed)
+    model_config = models.load_config(cfg.model.model, cfg.model.trust_remote_code)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and cfg.data.max_length > context:
+        raise ConfigError("max_length", f"{cfg.data.max_length} is beyond this model's context of {context} tokens")
+    _check_output_dir(out, t.resume)
+
+    accelerator = Accelerator(cpu=models.pick_device().type == "cpu")
+    set_seed(t.seed)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    weights_dtype, autocast_dtype = models.precision_plan(device, cfg.model.precision, model_config.model_type)
+
+    # ---- tokenise with the template that chat/compare/eval will use too
+    tokenizer = models.load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
+    template = Template(tokenizer, cfg.data.template, cfg.data.system_prompt)
+    encode = dict(template=template, max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
+                  long_examples=cfg.data.long_examples)
+    train_set, train_stats = data.encode_records(train_records, **encode)
+    val_set, val_stats = data.encode_records(val_records, **encode) if val_records else ([], None)
+    if not train_set:
+        raise PhituneError(f"{cfg.data.dataset_path}: no example has an answer token within --max_length "
+                           f"{cfg.data.max_length}; raise --max_length")
+    log(accelerator, f"data: {fmt} records, template {template.kind} (stops at {', '.join(template.stop_tokens)})",
+        train_stats.report("train"), *( [val_stats.report("validation")] if val_stats else []))
+
+    # ---- model and adapters
+    model = models.load_model(cfg.model.model, weights_dtype, cfg.model.trust_remote_code)
+    model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
+    model, targets = adapters.attach_lora(model, cfg.lora, seed=t.seed)
+    lines, n_trainable = adapters.trainable_summary(model, targets)
+    log(accelerator, f"model: {cfg.model.model} ({models.describe(model.get_base_model())}) on {device}, "
+                     f"weights {str(weights_dtype)[6:]}, compute {str(autocast_dtype or weights_dtype)[6:]}", *lines)
+    if t.gradient_checkpointing:
+        # Non-reentrant checkpointing gives LoRA weights their gradients without input-grad hooks.
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_model = AnswerLoss(model)
+    if t.torch_compile:
+        for layer in loss_model.decoder.layers:  # regional compilation: one graph per block, compiled once
+            layer.compile(dynamic=True)
+
+    # ---- optimizer and schedule
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+    lengths = [len(e["input_ids"]) for e in train_set]
+    n_batches = math.ceil(len(train_set) / t.batch_size)
+    steps_per_epoch = max(1, math.ceil(n_batches / (t.gradient_accumulation_steps * world)))
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(t.warmup_ratio * total_steps), total_steps)
+    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+
+    # ---- resume
+    state = {"best_val": None, "best_step": None, "bad_evals": 0, "tokens": 0, "answer_tokens": 0, "seconds": 0.0}
+    start = 0
+    ckpt = checkpoints.latest(out) if t.resume else None
+    if ckpt is not None:
+        state = checkpoints.load(ckpt, model, optimizer, scheduler)
+        start = state["step"]
+        log(accelerator, f"resuming from {ckpt} (step {start} of {total_steps})")
+    elif t.resume:
+        log(accelerator, f"no complete checkpoint in {out}; starting from the beginning")
+    metrics = MetricsLog(out, resume_step=start) if accelerator.is_main_process else None
+
+    def save_checkpoint(step):
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            checkpoints.save(out, step, model, optimizer, scheduler, state, t.save_total_limit)
+
+    def validate():
+        if not val_set:
+            return None
+        loss_model.eval()
+        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+        order = sorted(range(len(val_set)), key=lambda i: len(val_set[i]["input_ids"]))
+        with torch.no_grad(), _autocast(device, autocast_dtype):
+            for b in range(rank * t.batch_size, len(order), t.batch_size * world):
+                batch = _to(data.collate([val_set[i] for i in order[b:b + t.batch_size]], tokenizer.pad_token_id),
+                            device)
+                loss_sum, n = loss_model(**batch)
+                total, count = total + loss_sum.float(), count + n
+        loss_model.train()
+        total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+        return (total / count).item()
+
+    # ---- the loop: one iteration = one optimizer step over gradient_accumulation_steps micro-batches
+    loss_model.train()
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
+    nonfinite, stop_reason, step = 0, None, start
+    batches, batches_epoch = None, None
+    run_start, tokens_at_start = time.perf_counter(), state["tokens"]
+    try:
+        for step in range(start + 1, total_steps + 1):
+            epoch, index = divmod(step - 1, steps_per_epoch)
+            if batches_epoch != epoch:
+                batches = data.length_grouped_batches(lengths, t.batch_size, t.seed, epoch)
+                batches_epoch = epoch
+            group = t.gradient_accumulation_steps * world
+            mine = batches[index * group:(index + 1) * group][rank::world]
+            micro = [_to(data.collate([train_set[i] for i in b], tokenizer.pad_token_id), device) for b in mine]
+            # Normalise by the trained tokens of the whole step (all micro-batches, all processes), so
+            # long and short examples weigh per token, not per batch.
+            local = torch.tensor(float(sum(int((m["labels"][:, 1:] != data.IGNORE).sum()) for m in micro)),
+                                 device=device)
+            step_tokens = accelerator.reduce(local, "sum").clamp(min=1)
+            step_loss = torch.zeros((), device=device)
+            for i, batch in enumerate(micro):
+                sync = i == len(micro) - 1
+                with (nullcontext() if sync else accelerator.no_sync(loss_model)), _autocast(device, autocast_dtype):
+                    loss_sum, _ = loss_model(**batch)
+                loss = loss_sum * world / step_tokens
+                accelerator.backward(loss)
+                step_loss += loss_sum.detach()
+                state["tokens"] += int(batch["attention_mask"].sum()) * world
+            state["answer_tokens"] += int(step_tokens)
+            grad_norm = (accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm
+                         else torch.zeros(()))
+            step_loss = accelerator.reduce(step_loss, "sum") / step_tokens
+            if not (torch.isfinite(step_loss) and torch.isfinite(torch.as_tensor(grad_norm))):
+                nonfinite += 1  # skip: the weights keep their last finite values
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                log(accelerator, f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
+                if nonfinite >= t.max_nonfinite_steps:
+                    stop_reason = (f"{nonfinite} steps in a row had a non-finite loss or gradient; lower "
+                                   f"--learning_rate or use --precision fp32. The last good checkpoint is kept")
+                    break
+                continue
+            nonfinite = 0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            elapsed = state["seconds"] + time.perf_counter() - run_start
+            speed = (state["tokens"] - tokens_at_start) / max(time.perf_counter() - run_start, 1e-9)
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+            bar.update(1)
+            if metrics and step % t.logging_steps == 0:
+                metrics.add(step=step, epoch=round(step / steps_per_epoch, 4), loss=step_loss.item(), lr=lr,
+                            grad_norm=float(grad_norm), tokens=state["tokens"], tokens_per_s=speed, seconds=elapsed)
+
+            epoch_end = step % steps_per_epoch == 0 or step == total_steps
+            if val_set and (epoch_end or (t.eval_steps and step % t.eval_steps == 0)):
+                val_loss = validate()
+                improved = state["best_val"] is None or val_loss < state["best_val"]
+                if improved:
+                    state.update(best_val=val_loss, best_step=step, bad_evals=0)
+                    if accelerator.is_main_process:
+                        checkpoints.atomic_dir(out / "best_adapter", lambda d: model.save_pretrained(
+                            d, safe_serialization=True, save_embedding_layers=False))
+                else:
+                    state["bad_evals"] += 1
+                if metrics:
+                    metrics.add(step=step, epoch=round(step / steps_per_epoch, 4), val_loss=val_loss,
+                                val_ppl=ppl(val_loss))
+                log(accelerator, f"step {step}: validation loss {val_loss:.4f} (perplexity {ppl(val_loss):.2f})"
+                                 + (" best so far" if improved else ""))
+                if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
+                    stop_reason = f"early stopping: no better validation loss for {state['bad_evals']} evaluations"
+            state["seconds"] = elapsed
+            if (t.save_steps and step % t.save_steps == 0) or epoch_end or stop_reason:
+                save_checkpoint(step)
+            if stop_reason:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        done = step - 1 if step > start else start
+        if done > start:
+            save_checkpoint(done)
+        log(accelerator, f"interrupted at step {done}; continue with:\n  {_resume_command()}")
+        sys.exit(130)
+    bar.close()
+    if stop_reason and nonfinite:
+        raise PhituneError(stop_reason)
+    if stop_reason:
+        log(accelerator, stop_reason)
+
+    # ---- final adapter: the best validated weights when there was validation, else the last
+    final = out / "final_adapter"
+    if state["best_step"] is not None and state["best_step"] != step:
+        from safetensors.torch import load_file
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(out / "best_adapter" / "adapter_model.safetensors"))
+    final_metrics = {"steps": step, "epochs": round(step / steps_per_epoch, 3),
+                     "train_loss": next((r["loss"] for r in reversed(metrics.rows) if "loss" in r), None) if metrics else None,
+                     "best_val_loss": state["best_val"], "best_step": state["best_step"],
+                     "tokens": state["tokens"], "answer_tokens": state["answer_tokens"],
+                     "seconds": round(state["seconds"], 1)}
+    if accelerator.is_main_process:
+        meta = {"base": {"model": _portable(cfg.model.model), "model_type": model_config.model_type,
+                         "hidden_size": model_config.hidden_size, "num_hidden_layers": model_config.num_hidden_layers,
+                         "vocab_size": model_config.vocab_size},
+                "template": template.to_meta(),
+                "data": {"format": fmt, "train_examples": len(train_set), "val_examples": len(val_set),
+                         "max_length": cfg.data.max_length, "train_on_prompt": cfg.data.train_on_prompt,
+                         "truncated": train_stats.truncated, "dropped": train_stats.dropped},
+                "lora": {"targets": len(targets), "trainable_parameters": n_trainable},
+                "selected": "best validation loss" if state["best_step"] else "last step",
+                "training": cfg.to_dict(), "metrics": final_metrics}
+        checkpoints.atomic_dir(final, lambda d: adapters.save_adapter(model, tokenizer, d, meta))
+        metrics.plot()
+        _print_summary(final_metrics, final, out, speed=final_metrics["tokens"] / max(state["seconds"], 1e-9))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _check_output_dir(out, resume):
+    if not resume and checkpoints.complete(out):
+        raise PhituneError(f"{out} holds checkpoints of an earlier run; add --resume to continue it, or choose "
+                           f"another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".phitune-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PhituneError(f"output_dir: cannot write to {out} ({e.strerror})") from None
+
+
+def _portable(name):
+    """Record local model paths as absolute paths, so the adapter works from any directory."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def _autocast(device, dtype):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _to(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _resume_command():
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    prog = "phitune" if Path(sys.argv[0]).name in ("phitune", "__main__.py") else f"python {sys.argv[0]}"
+    return f"{prog} {shlex.join(argv)} --resume"
+
+
+def _print_summary(m, final, out, speed):
+    rows = [("steps", f"{m['steps']} ({m['epochs']} epochs)"),
+            ("final train loss", f"{m['train_loss']:.4f}" if m["train_loss"] is not None else "-"),
+            ("best validation loss", f"{m['best_val_loss']:.4f} at step {m['best_step']}"
+             if m["best_val_loss"] is not None else "no validation"),
+            ("tokens trained", f"{m['tokens']:,} ({m['answer_tokens']:,} answer tokens)"),
+            ("time", f"{m['seconds']:.0f} s ({speed:.0f} tokens/s)"),
+            ("adapter", str(final)), ("metrics", f"{out / 'metrics.jsonl'}, {out / 'loss.png'}")]
+    print("\nphitune train: done\n" + summary(rows), file=sys.stderr)
+    print(f"\nnext:\n  phitune chat --adapter_path {final}\n"
+          f"  phitune compare --adapter_path {final} --questions examples/questions.yaml", file=sys.stderr)
