@@ -3,6 +3,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from phitune import __version__
 from phitune.errors import PhituneError
@@ -11,7 +12,8 @@ from phitune.errors import PhituneError
 # so `phitune --help` stays fast.
 COMMANDS = {
     "train": ("phitune.train", "fine-tune a model with LoRA on a JSONL dataset"),
-    "generate": ("phitune.generate", "answer prompts with a base model or a trained adapter"),
+    "chat": ("phitune.chat", "talk to a base model or a fine-tuned adapter (streaming)"),
+    "compare": ("phitune.compare", "answer the same questions with the base model and adapters, side by side"),
 }
 
 
@@ -35,6 +37,8 @@ def build_parser(argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Library deprecation notices are for phitune's developers, not its users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "_main", None):

@@ -88,7 +88,7 @@ def train(cfg):
                      f"weights {str(weights_dtype)[6:]}, compute {str(autocast_dtype or weights_dtype)[6:]}", *lines)
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing gives LoRA weights their gradients without input-grad hooks.
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model.get_base_model())
     loss_model = AnswerLoss(model)
     if t.torch_compile:
         for layer in loss_model.decoder.layers:  # regional compilation: one graph per block, compiled once
@@ -143,7 +143,7 @@ def train(cfg):
                disable=not accelerator.is_main_process)
     nonfinite, stop_reason, step = 0, None, start
     batches, batches_epoch = None, None
-    run_start, tokens_at_start = time.perf_counter(), state["tokens"]
+    run_start, tokens_at_start, seconds_before = time.perf_counter(), state["tokens"], state["seconds"]
     try:
         for step in range(start + 1, total_steps + 1):
             epoch, index = divmod(step - 1, steps_per_epoch)
@@ -186,7 +186,7 @@ def train(cfg):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            elapsed = state["seconds"] + time.perf_counter() - run_start
+            elapsed = seconds_before + time.perf_counter() - run_start
             speed = (state["tokens"] - tokens_at_start) / max(time.perf_counter() - run_start, 1e-9)
             lr = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
@@ -271,6 +271,14 @@ def _check_output_dir(out, resume):
         probe.unlink()
     except OSError as e:
         raise PhituneError(f"output_dir: cannot write to {out} ({e.strerror})") from None
+
+
+def _enable_checkpointing(model):
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _portable(name):

@@ -1,0 +1,145 @@
+"""`phitune chat`: talk to a base model or a fine-tuned adapter, with streaming output.
+
+Interactive in a terminal (line editing and history through readline); with --prompt or piped stdin it
+answers and exits, printing only answers on stdout so it can be scripted.
+"""
+import json
+import sys
+import threading
+
+from phitune import generate as gen
+from phitune.errors import PhituneError
+from phitune.inference_args import add_model_args, add_sampling_args, sampling_from
+
+HELP = """commands:
+  /help            this list
+  /reset           forget the conversation so far
+  /system TEXT     set the system prompt (and reset); /system alone clears it
+  /temp X          sampling temperature (0 = greedy)
+  /max_tokens N    longest answer in tokens
+  /save FILE       write the conversation to FILE (JSON)
+  /quit            leave (Ctrl-D works too); Ctrl-C stops an answer, not the session"""
+
+
+def add_parser(p):
+    add_model_args(p)
+    p.add_argument("--prompt", help="answer this one prompt and exit")
+    add_sampling_args(p, max_new_tokens=512)
+    p.set_defaults(temperature=0.7, top_p=0.9)
+
+
+def main(args):
+    sampling = sampling_from(args)
+    paths = [args.adapter_path] if args.adapter_path else []
+    loaded = gen.load(paths, args.model, args.system_prompt, args.trust_remote_code, args.precision)
+    adapter = loaded.first_adapter
+    if args.prompt is not None:
+        print(answer(loaded, [{"role": "user", "content": args.prompt}], sampling, adapter, echo=False))
+        return 0
+    if not sys.stdin.isatty():
+        for line in sys.stdin:  # scripted use: each line is its own single-turn prompt
+            if line.strip():
+                print(answer(loaded, [{"role": "user", "content": line.rstrip("\n")}], sampling, adapter, echo=False))
+                sys.stdout.flush()
+        return 0
+    Session(loaded, sampling, adapter).run()
+    return 0
+
+
+def answer(loaded, conversation, sampling, adapter, echo=True):
+    """Stream one answer; returns its text. Ctrl-C ends the answer early and keeps what was said."""
+    cancel = threading.Event()
+    text = ""
+    pieces = gen.stream(loaded, conversation, sampling, adapter=adapter, cancel=cancel)
+    try:
+        for piece in pieces:
+            text += piece
+            if echo:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        cancel.set()
+        pieces.close()
+        if echo:
+            sys.stdout.write(" [stopped]")
+    if echo:
+        sys.stdout.write("\n")
+    return text.strip()
+
+
+class Session:
+    def __init__(self, loaded, sampling, adapter):
+        self.loaded, self.sampling, self.adapter = loaded, sampling, adapter
+        self.history = []
+
+    def run(self):
+        try:
+            import readline  # noqa: F401  (gives input() line editing and history)
+        except ImportError:
+            pass
+        who = f"{self.adapter} on {self.loaded.base_name}" if self.adapter else self.loaded.base_name
+        print(f"phitune chat: {who}. /help for commands, Ctrl-D to leave.")
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                return
+            except KeyboardInterrupt:
+                print()
+                continue
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if self.command(line.strip()) == "quit":
+                    return
+                continue
+            self.history.append({"role": "user", "content": line})
+            sys.stdout.write("model> ")
+            sys.stdout.flush()
+            reply = answer(self.loaded, self.history, self.sampling, self.adapter)
+            self.history.append({"role": "assistant", "content": reply})
+
+    def command(self, line):
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        try:
+            if name in ("/quit", "/exit"):
+                return "quit"
+            if name == "/help":
+                print(HELP)
+            elif name == "/reset":
+                self.history = []
+                print("(conversation cleared)")
+            elif name == "/system":
+                self.loaded.template.system_prompt = arg or None
+                self.history = []
+                print(f"(system prompt {'set' if arg else 'cleared'}; conversation cleared)")
+            elif name == "/temp":
+                self.sampling.temperature = _number(arg, float, "/temp X", low=0)
+                print(f"(temperature {self.sampling.temperature})")
+            elif name == "/max_tokens":
+                self.sampling.max_new_tokens = _number(arg, int, "/max_tokens N", low=1)
+                print(f"(max tokens {self.sampling.max_new_tokens})")
+            elif name == "/save":
+                if not arg:
+                    raise PhituneError("usage: /save FILE")
+                with open(arg, "w", encoding="utf-8") as fh:
+                    json.dump({"system_prompt": self.loaded.template.system_prompt, "messages": self.history}, fh,
+                              indent=2)
+                print(f"(saved {len(self.history)} messages to {arg})")
+            else:
+                print(f"unknown command {name}; /help lists them")
+        except (PhituneError, OSError) as e:
+            print(f"error: {e}")
+        return None
+
+
+def _number(text, kind, usage, low):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise PhituneError(f"usage: {usage}") from None
+    if value < low:
+        raise PhituneError(f"usage: {usage} (at least {low})")
+    return value

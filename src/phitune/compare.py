@@ -1,0 +1,218 @@
+"""`phitune compare`: base model and adapters answer the same questions, side by side.
+
+One copy of the base model is in memory: base answers are generated inside PEFT's disable_adapter(),
+so they come from the untouched base weights, not from the tuned model.
+"""
+import json
+import resource
+import shutil
+import sys
+import textwrap
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import yaml
+
+from phitune import generate as gen
+from phitune.errors import PhituneError
+from phitune.inference_args import add_model_args, add_sampling_args, sampling_from
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")
+COLOURS = ("\033[36m", "\033[33m", "\033[32m", "\033[35m", "\033[34m")
+RESET, DIM, BOLD = "\033[0m", "\033[2m", "\033[1m"
+
+
+def add_parser(p):
+    add_model_args(p, multiple_adapters=True)
+    p.add_argument("--questions", help="YAML file: questions: [text, or {prompt, expected, sampling...}]")
+    p.add_argument("--report", help="write the comparison to .md, .html or .jsonl")
+    p.add_argument("--batch_size", type=int, default=16, help="questions generated together in batch mode")
+    p.add_argument("--no_color", action="store_true", help="plain text output")
+    add_sampling_args(p)
+
+
+def read_questions(path):
+    """Questions YAML: the seed's `questions: [string, ...]`, or mappings with prompt/expected/sampling."""
+    p = Path(path)
+    if not p.is_file():
+        raise PhituneError(f"{path}: questions file not found")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise PhituneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict) or "questions" not in doc:
+        raise PhituneError(f"{path}: expected a top-level 'questions:' list")
+    items = doc["questions"]
+    if not isinstance(items, list) or not items:
+        raise PhituneError(f"{path}: 'questions' must be a non-empty list, got {type(items).__name__}")
+    out = []
+    for i, item in enumerate(items, 1):
+        if isinstance(item, str) and item.strip():
+            out.append({"prompt": item})
+        elif isinstance(item, dict) and isinstance(item.get("prompt"), str) and item["prompt"].strip():
+            unknown = set(item) - {"prompt", "expected", *SAMPLING_KEYS}
+            if unknown:
+                raise PhituneError(f"{path}: question {i}: unknown key(s) {sorted(unknown)}; allowed: prompt, "
+                                   f"expected, {', '.join(SAMPLING_KEYS)}")
+            out.append(item)
+        else:
+            raise PhituneError(f"{path}: question {i} must be a non-empty string or a mapping with 'prompt'")
+    return out
+
+
+def main(args):
+    if args.batch_size < 1:
+        raise PhituneError("--batch_size must be >= 1")
+    sampling = sampling_from(args)
+    questions = read_questions(args.questions) if args.questions else None
+    loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
+    columns = [None] + list(loaded.adapters)  # None = base
+    colour = sys.stdout.isatty() and not args.no_color
+    print(f"{DIM if colour else ''}base: {loaded.base_name}; adapters: "
+          f"{', '.join(loaded.adapters) or 'none'}; {_sampling_text(sampling)}{RESET if colour else ''}",
+          file=sys.stderr)
+    if questions is None:
+        rows = _repl(loaded, columns, sampling, colour)
+    else:
+        rows = run_batch(loaded, questions, columns, sampling, args.batch_size)
+        for row in rows:
+            show(row, columns, colour)
+    print(_memory_line(loaded), file=sys.stderr)
+    if args.report and rows:
+        write_report(args.report, rows, loaded, sampling)
+        print(f"report written to {args.report}", file=sys.stderr)
+    return 0
+
+
+def run_batch(loaded, questions, columns, sampling, batch_size=16):
+    """Answer all questions with every column; questions with the same settings share batches."""
+    rows = [{"prompt": q["prompt"], "expected": q.get("expected"), "answers": {}} for q in questions]
+    groups = {}
+    for i, q in enumerate(questions):
+        s = replace(sampling, **{k: q[k] for k in SAMPLING_KEYS if k in q})
+        groups.setdefault(tuple(asdict(s).items()), (s, []))[1].append(i)
+    for s, idx in groups.values():
+        convs = [[{"role": "user", "content": questions[i]["prompt"]}] for i in idx]
+        for col in columns:
+            answers = gen.generate(loaded, convs, s, adapter=col, batch_size=batch_size)
+            for i, a in zip(idx, answers):
+                rows[i]["answers"][_label(col)] = a
+    return rows
+
+
+def _repl(loaded, columns, sampling, colour):
+    rows = []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            prompt = input("question> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not prompt.strip():
+            continue
+        if prompt.strip() in ("/quit", "/exit"):
+            break
+        try:
+            row = run_batch(loaded, [{"prompt": prompt}], columns, sampling)[0]
+        except KeyboardInterrupt:
+            print("\n(interrupted)")
+            continue
+        show(row, columns, colour)
+        rows.append(row)
+    return rows
+
+
+def _label(col):
+    return "base" if col is None else col
+
+
+def show(row, columns, colour):
+    """Side by side when the terminal is wide enough (and a terminal), stacked otherwise."""
+    labels = [_label(c) for c in columns]
+    width = shutil.get_terminal_size((100, 24)).columns
+    c = (lambda i: COLOURS[i % len(COLOURS)]) if colour else (lambda i: "")
+    r, b = (RESET, BOLD) if colour else ("", "")
+    print(f"\n{b}Q: {row['prompt']}{r}")
+    if row.get("expected"):
+        print(f"expected: {row['expected']}")
+    col_w = (width - 3 * (len(labels) - 1)) // len(labels)
+    if colour and col_w >= 30:
+        cells = []
+        for i, lab in enumerate(labels):
+            a = row["answers"][lab]
+            body = [f"{lab}  ({a.tokens} tok, {a.seconds:.1f}s)", "-" * min(col_w, 40)]
+            for para in a.text.splitlines() or [""]:
+                body += textwrap.wrap(para, col_w) or [""]
+            cells.append(body)
+        for line in range(max(len(x) for x in cells)):
+            parts = [f"{c(i)}{(x[line] if line < len(x) else '').ljust(col_w)}{r}" for i, x in enumerate(cells)]
+            print(" | ".join(parts))
+    else:
+        for i, lab in enumerate(labels):
+            a = row["answers"][lab]
+            print(f"{c(i)}[{lab}] ({a.tokens} tokens, {a.seconds:.1f}s){r}\n{a.text}")
+
+
+def _sampling_text(s):
+    if not s.temperature:
+        return f"greedy, max {s.max_new_tokens} tokens"
+    return f"temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, seed {s.seed}"
+
+
+def peak_memory_mib(device=None):
+    import torch
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def _memory_line(loaded):
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20
+    return f"memory: peak {peak_memory_mib(loaded.device):.0f} MiB; model weights {weights:.0f} MiB (one base copy)"
+
+
+def write_report(path, rows, loaded, sampling):
+    path = Path(path)
+    labels = ["base"] + list(loaded.adapters)
+    settings = {"base_model": loaded.base_name, "sampling": asdict(sampling),
+                "adapters": {n: {"path": p, "metrics": loaded.metas[n].get("metrics"),
+                                 "template": (loaded.metas[n].get("template") or {}).get("kind")}
+                             for n, p in loaded.adapters.items()},
+                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if path.suffix == ".jsonl":
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps({"settings": settings}) + "\n")
+            for row in rows:
+                fh.write(json.dumps({"prompt": row["prompt"], "expected": row.get("expected"),
+                                     "answers": {k: asdict(v) for k, v in row["answers"].items()}}) + "\n")
+    elif path.suffix in (".html", ".htm"):
+        import html
+        e = html.escape
+        parts = ["<!doctype html><meta charset=utf-8><title>phitune compare</title>",
+                 "<style>body{font-family:sans-serif}td,th{vertical-align:top;border:1px solid #ccc;padding:6px}"
+                 "table{border-collapse:collapse}</style>",
+                 f"<h1>phitune compare</h1><pre>{e(json.dumps(settings, indent=2, default=str))}</pre><table><tr>"
+                 "<th>question</th><th>expected</th>" + "".join(f"<th>{e(lab)}</th>" for lab in labels) + "</tr>"]
+        for row in rows:
+            cells = "".join(f"<td>{e(row['answers'][lab].text)}<br><small>{row['answers'][lab].tokens} tokens, "
+                            f"{row['answers'][lab].seconds:.1f}s</small></td>" for lab in labels)
+            parts.append(f"<tr><td>{e(row['prompt'])}</td><td>{e(row.get('expected') or '')}</td>{cells}</tr>")
+        path.write_text("".join(parts) + "</table>\n", encoding="utf-8")
+    else:
+        lines = ["# phitune compare", "", f"- base model: `{loaded.base_name}`",
+                 f"- sampling: {_sampling_text(sampling)}"]
+        for n, p in loaded.adapters.items():
+            lines.append(f"- adapter `{n}`: `{p}` (metrics: {json.dumps(loaded.metas[n].get('metrics'))})")
+        for i, row in enumerate(rows, 1):
+            lines += ["", f"## {i}. {row['prompt']}", ""]
+            if row.get("expected"):
+                lines += [f"**expected:** {row['expected']}", ""]
+            for lab in labels:
+                a = row["answers"][lab]
+                lines += [f"**{lab}** ({a.tokens} tokens, {a.seconds:.1f}s):", "", a.text.strip() or "_(empty)_", ""]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")

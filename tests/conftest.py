@@ -1,0 +1,52 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import build_model_dir, build_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Local model directories of tiny random phi, phi3 and llama models."""
+    base = tmp_path_factory.mktemp("models")
+    return {arch: build_model_dir(arch, base / arch) for arch in ("phi", "phi3", "llama")}
+
+
+@pytest.fixture(params=["phi", "phi3", "llama"])
+def arch(request):
+    return request.param
+
+
+def write_jsonl(path, rows):
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+MEMORISE = [{"prompt": f"Say the code for {name}", "response": f"The code for {name} is {code}."}
+            for name, code in [("red", "one"), ("blue", "two"), ("green", "three"), ("gold", "four")]]
+
+
+@pytest.fixture
+def memorise_file(tmp_path):
+    return write_jsonl(tmp_path / "memorise.jsonl", MEMORISE)
+
+
+def run_cli(*argv):
+    """Run `phitune ARGV` in this process; returns the exit code."""
+    from phitune.cli import main
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code or 0
+    return 0
