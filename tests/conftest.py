@@ -50,3 +50,16 @@ def run_cli(*argv):
     except SystemExit as e:
         return e.code or 0
     return 0
+
+
+@pytest.fixture(scope="session")
+def memorised_adapter(tiny_models, tmp_path_factory):
+    """An adapter on the tiny llama that has memorised MEMORISE (greedy answers match exactly)."""
+    base = tmp_path_factory.mktemp("memorised")
+    data = write_jsonl(base / "memorise.jsonl", MEMORISE)
+    code = run_cli("train", "--model", tiny_models["llama"], "--dataset_path", data, "--output_dir", base / "run",
+                   "--epochs", 60, "--batch_size", 4, "--gradient_accumulation_steps", 1, "--max_length", 64,
+                   "--lora_r", 16, "--lora_dropout", 0.0, "--learning_rate", 3e-2, "--warmup_ratio", 0.0,
+                   "--val_split", 0)
+    assert code == 0
+    return base / "run" / "final_adapter"

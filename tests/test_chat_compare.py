@@ -1,0 +1,162 @@
+"""`phitune compare` and `phitune chat`: real base answers, batch and interactive use, clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import MEMORISE, ROOT, run_cli
+from phitune import generate as gen
+from phitune.compare import read_questions, run_batch
+from phitune.errors import PhituneError
+from phitune.models import prepare_tokenizer
+
+PHITUNE = [sys.executable, "-m", "phitune"]
+
+
+def plain_greedy(model, tokenizer, prompt_ids, stop_ids, n=30):
+    """Reference decode: plain transformers generate, one prompt, no padding."""
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_base_answers_are_really_base(tiny_models, memorised_adapter):
+    """Greedy base output in compare == a freshly loaded base with no adapter; tuned == the adapter model."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    loaded = gen.load([memorised_adapter], precision="fp32")
+    questions = [{"prompt": r["prompt"]} for r in MEMORISE] + [{"prompt": "one two three"}]
+    rows = run_batch(loaded, questions, [None, loaded.first_adapter], gen.Sampling(max_new_tokens=30), batch_size=3)
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_models["llama"]))
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    stop = loaded.template.stop_token_ids()
+    for q, row in zip(questions, rows):
+        prompt = loaded.template.encode_prompt([{"role": "user", "content": q["prompt"]}])
+        want = tok.decode(plain_greedy(fresh, tok, prompt, stop), skip_special_tokens=True).strip()
+        assert row["answers"]["base"].text == want
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]),
+                                      memorised_adapter).eval()
+    for q, row in zip(questions, rows):
+        prompt = loaded.template.encode_prompt([{"role": "user", "content": q["prompt"]}])
+        want = tok.decode(plain_greedy(tuned, tok, prompt, stop), skip_special_tokens=True).strip()
+        assert row["answers"]["run"].text == want
+    for r, row in zip(MEMORISE, rows):
+        assert row["answers"]["run"].text == r["response"]
+        assert row["answers"]["base"].text != r["response"]
+
+
+def test_compare_batch_cli_report_and_two_adapters(memorised_adapter, tmp_path):
+    qfile = tmp_path / "q.yaml"
+    qfile.write_text("questions:\n  - Say the code for red\n  - prompt: Say the code for blue\n"
+                     "    expected: The code for blue is two.\n    max_new_tokens: 12\n")
+    for suffix in ("md", "jsonl", "html"):
+        report = tmp_path / f"cmp.{suffix}"
+        result = subprocess.run(PHITUNE + ["compare", "--adapter_path", str(memorised_adapter), "--adapter_path",
+                                           str(memorised_adapter), "--questions", str(qfile), "--report", str(report)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "press Enter" not in result.stdout
+        text = report.read_text()
+        assert "The code for red is one." in text and "The code for blue is two." in text
+    assert "[base]" in result.stdout and "[run]" in result.stdout and "[run-2]" in result.stdout
+    assert "memory: peak" in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "cmp.jsonl").read_text().splitlines()]
+    assert set(rows[1]["answers"]) == {"base", "run", "run-2"} and rows[2]["expected"] == "The code for blue is two."
+
+
+@pytest.mark.parametrize("content,problem", [
+    (None, "questions file not found"),
+    ("questions: [unclosed", "not valid YAML"),
+    ("questions: just one string", "'questions' must be a non-empty list"),
+    ("other: []", "expected a top-level 'questions:' list"),
+    ("questions:\n  - {promt: x}", "question 1 must be a non-empty string or a mapping with 'prompt'"),
+])
+def test_bad_questions_files(tmp_path, content, problem):
+    path = tmp_path / "q.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(PhituneError, match=problem):
+        read_questions(path)
+
+
+def test_bad_adapters_exit_2_without_traceback(tiny_models, memorised_adapter, tmp_path, capsys):
+    assert run_cli("compare", "--adapter_path", tmp_path / "nope", "--questions", ROOT / "examples/questions.yaml") == 2
+    assert "adapter directory not found" in capsys.readouterr().err
+    # an adapter trained on llama, put on a phi base
+    assert run_cli("compare", "--adapter_path", memorised_adapter, "--model", tiny_models["phi"], "--questions",
+                   ROOT / "examples/seed_questions.yaml") == 2
+    err = capsys.readouterr().err
+    assert "adapter was trained on a base with model_type=llama, but this base has model_type=phi" in err
+    assert "Traceback" not in err
+
+
+def test_chat_prompt_and_piped_stdin_print_answers_only(memorised_adapter):
+    args = PHITUNE + ["chat", "--adapter_path", str(memorised_adapter), "--temperature", "0"]
+    one = subprocess.run(args + ["--prompt", "Say the code for green"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and one.stdout == "The code for green is three.\n"
+    piped = subprocess.run(args, input="Say the code for red\nSay the code for gold\n", capture_output=True,
+                           text=True, timeout=300)
+    assert piped.returncode == 0 and piped.stdout == "The code for red is one.\nThe code for gold is four.\n"
+
+
+def spawn(args, tmp_path):
+    env = dict(os.environ, COLUMNS="120", LINES="40", TERM="xterm")
+    child = pexpect.spawn(PHITUNE[0], PHITUNE[1:] + args, env=env, encoding="utf-8", timeout=120,
+                          dimensions=(40, 120), cwd=str(tmp_path))
+    return child
+
+
+def test_interactive_chat_in_a_terminal(memorised_adapter, tiny_models, tmp_path):
+    child = spawn(["chat", "--adapter_path", str(memorised_adapter), "--temperature", "0"], tmp_path)
+    child.expect("you> ")
+    child.sendline("Say the code for blue")
+    child.expect("model> ")
+    child.expect("The code for blue is two.")
+    child.expect("you> ")
+    child.sendline("/help")
+    child.expect("/max_tokens N")
+    child.sendline("/max_tokens 3")
+    child.expect(r"\(max tokens 3\)")
+    child.sendline("/temp 0")
+    child.expect(r"\(temperature 0.0\)")
+    child.sendline("/save convo.json")
+    child.expect("saved 2 messages")
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    saved = json.loads((tmp_path / "convo.json").read_text())
+    assert saved["messages"][1] == {"role": "assistant", "content": "The code for blue is two."}
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(tiny_models, tmp_path):
+    # The untrained tiny base rambles: a long answer to interrupt.
+    child = spawn(["chat", "--model", str(tiny_models["phi"]), "--max_new_tokens", "1900", "--temperature", "1.0",
+                   "--seed", "1"], tmp_path)
+    child.expect("you> ")
+    child.sendline("tell me a long story")
+    child.expect("model> ")
+    child.expect(r"\S{5}")  # some streamed text has arrived
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect("you> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_interactive_compare_repl(memorised_adapter, tmp_path):
+    child = spawn(["compare", "--adapter_path", str(memorised_adapter)], tmp_path)
+    child.expect("question> ")
+    child.sendline("Say the code for gold")
+    child.expect("The code for gold is four.")
+    child.expect("question> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
