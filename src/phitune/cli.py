@@ -14,6 +14,9 @@ COMMANDS = {
     "train": ("phitune.train", "fine-tune a model with LoRA on a JSONL dataset"),
     "chat": ("phitune.chat", "talk to a base model or a fine-tuned adapter (streaming)"),
     "compare": ("phitune.compare", "answer the same questions with the base model and adapters, side by side"),
+    "eval": ("phitune.evaluate", "score base and adapters on held-out data: loss, perplexity, BLEU, chrF, ROUGE-L"),
+    "merge": ("phitune.merge", "merge an adapter into its base model and save it for plain transformers"),
+    "serve": ("phitune.serve", "serve base and adapters over the OpenAI HTTP API"),
 }
 
 
@@ -41,6 +44,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    args._argv = argv  # the command line as given, for commands that relaunch themselves
     if not getattr(args, "_main", None):
         parser.print_help()
         return 2 if args.command is None else 0

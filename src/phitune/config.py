@@ -31,6 +31,8 @@ def default_of(f):
 class ModelArgs:
     model: str = opt("microsoft/phi-2", "hub id, local directory, .gguf file, or the demo alias smollm2-135m-instruct")
     trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code (off unless asked)")
+    quantize: Optional[str] = opt(None, "4bit (QLoRA: NF4, double quantization, bf16 compute) or 8bit base weights; "
+                                        "CUDA only, needs bitsandbytes", choices=("4bit", "8bit"))
     precision: str = opt("auto", "auto | bf16 | fp32 | fp16: compute precision (auto: bf16 where the device supports it)",
                          choices=("auto", "bf16", "fp32", "fp16"))
 
@@ -106,12 +108,14 @@ class TrainArgs:
     early_stopping_patience: Optional[int] = opt(None, "stop after N validations without a better loss")
     resume: bool = opt(False, "continue from the newest complete checkpoint in --output_dir")
     logging_steps: int = opt(1, "write metrics every N optimizer steps")
+    num_processes: int = opt(1, "data-parallel processes on this machine (launches torch.distributed; same as "
+                                "`accelerate launch --num_processes N -m phitune train ...`)")
     max_nonfinite_steps: int = opt(10, "stop after this many optimizer steps in a row with a NaN/inf loss or "
                                        "gradient (each one is skipped and counted)")
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "save_total_limit", "logging_steps",
-                     "max_nonfinite_steps"):
+                     "max_nonfinite_steps", "num_processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience"):

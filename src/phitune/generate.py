@@ -75,10 +75,10 @@ def load(adapter_paths=(), model=None, system_prompt=None, trust_remote_code=Fal
     """
     metas = {}
     names = {}
-    for path in adapter_paths:
+    for item in adapter_paths:
+        name, path = _named(str(item))
         meta = adapters.read_adapter_meta(path)
-        name = _unique(Path(path).resolve().name if Path(path).name != "final_adapter"
-                       else Path(path).resolve().parent.name, names)
+        name = _unique(name, names)
         names[name], metas[name] = str(path), meta
     base_name = model or next((m.get("base", {}).get("model") for m in metas.values() if m.get("base")), None)
     if base_name is None and adapter_paths:
@@ -100,6 +100,16 @@ def load(adapter_paths=(), model=None, system_prompt=None, trust_remote_code=Fal
         net = adapters.load_adapter(net, path, metas[name], adapter_name=name)
     net.eval()
     return Loaded(net, tokenizer, template, names, metas, device, autocast_dtype, base_name)
+
+
+def _named(item):
+    """'name=path' or 'path'; a path's name is its directory (or its run's, for .../final_adapter)."""
+    if "=" in item and not Path(item).exists():
+        name, path = item.split("=", 1)
+        if name and path:
+            return name, path
+    p = Path(item).resolve()
+    return (p.parent.name if p.name == "final_adapter" else p.name), item
 
 
 def _unique(name, taken):
@@ -133,11 +143,16 @@ def _clean(text, template):
     return text.strip()
 
 
-@torch.no_grad()
 def generate(loaded, conversations, sampling=Sampling(), adapter=None, batch_size=16):
     """Answer each conversation (a list of messages ending with a user turn). Left-padded batches."""
+    encoded = [loaded.template.encode_prompt(conv) for conv in conversations]
+    return generate_ids(loaded, encoded, sampling, adapter, batch_size)
+
+
+@torch.no_grad()
+def generate_ids(loaded, encoded, sampling=Sampling(), adapter=None, batch_size=16):
+    """Continue each prompt (a list of token ids), in left-padded batches of similar length."""
     tok, template = loaded.tokenizer, loaded.template
-    encoded = [template.encode_prompt(conv) for conv in conversations]
     results = [None] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     stop_ids = template.stop_token_ids()
@@ -173,9 +188,14 @@ def generate(loaded, conversations, sampling=Sampling(), adapter=None, batch_siz
 
 def stream(loaded, conversation, sampling=Sampling(), adapter=None, cancel=None):
     """Yield text pieces of one answer as they are generated; `cancel` (threading.Event) stops it."""
+    return stream_ids(loaded, loaded.template.encode_prompt(conversation), sampling, adapter, cancel)
+
+
+def stream_ids(loaded, prompt_ids, sampling=Sampling(), adapter=None, cancel=None):
+    """Like stream(), for a prompt given as token ids."""
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
     tok, template = loaded.tokenizer, loaded.template
-    ids = torch.tensor([template.encode_prompt(conversation)], device=loaded.device)
+    ids = torch.tensor([list(prompt_ids)], device=loaded.device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     cancel = cancel or threading.Event()
 

@@ -166,17 +166,38 @@ def prepare_tokenizer(tok):
     return tok
 
 
-def load_model(name, dtype=torch.float32, trust_remote_code=False):
-    """Load weights from safetensors only (no pickle), in `dtype`."""
+def quantization_config(quantize, device):
+    """BitsAndBytes settings for --quantize (QLoRA); refused off CUDA with the reason."""
+    if not quantize:
+        return None
+    if device.type != "cuda":
+        raise PhituneError(f"quantize: {quantize} loading uses bitsandbytes CUDA kernels and needs an NVIDIA GPU; "
+                           f"this run is on {device.type}. Drop --quantize to train LoRA on full-precision weights")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PhituneError("quantize: needs bitsandbytes; pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_model(name, dtype=torch.float32, trust_remote_code=False, quantization=None):
+    """Load weights from safetensors only (no pickle), in `dtype` (or quantized with a BitsAndBytesConfig)."""
     from transformers import AutoModelForCausalLM
     kind, where = resolve(name)
+    extra = {"quantization_config": quantization, "device_map": {"": 0}} if quantization is not None else {}
     if kind == "gguf":
+        if quantization is not None:
+            raise PhituneError("quantize: load a .gguf model in full precision (GGUF files are dequantized on load)")
         model, _ = load_gguf(where, dtype=dtype)
         return model
     try:
         with _quiet():
             return AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, use_safetensors=True,
-                                                        trust_remote_code=trust_remote_code)
+                                                        trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         if kind == "hub":
             raise _hub_error(name, e) from None

@@ -33,7 +33,30 @@ def main(args):
         raise ConfigError("dataset_path", "is required: the JSONL file to train on")
     if not cfg.train.output_dir:
         raise ConfigError("output_dir", "is required: where the adapter and checkpoints go")
+    if cfg.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(cfg.train.num_processes, args._argv)
     train(cfg)
+
+
+def launch(n, given):
+    """Re-run this command as N data-parallel processes through torch.distributed (gloo on CPU, NCCL on CUDA)."""
+    import socket
+    import subprocess
+    argv, skip = [], False
+    for a in given:  # drop --num_processes N: each worker is one process
+        if skip:
+            skip = False
+        elif a == "--num_processes":
+            skip = True
+        elif not a.startswith("--num_processes="):
+            argv.append(a)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "phitune", *argv]
+    print(f"phitune: launching {n} processes", file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
 
 
 def log(accelerator, *lines):
@@ -66,6 +89,7 @@ def train(cfg):
     set_seed(t.seed)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     weights_dtype, autocast_dtype = models.precision_plan(device, cfg.model.precision, model_config.model_type)
+    quantization = models.quantization_config(cfg.model.quantize, device)
 
     # ---- tokenise with the template that chat/compare/eval will use too
     tokenizer = models.load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
@@ -81,7 +105,10 @@ def train(cfg):
         train_stats.report("train"), *( [val_stats.report("validation")] if val_stats else []))
 
     # ---- model and adapters
-    model = models.load_model(cfg.model.model, weights_dtype, cfg.model.trust_remote_code)
+    model = models.load_model(cfg.model.model, weights_dtype, cfg.model.trust_remote_code, quantization)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
     model, targets = adapters.attach_lora(model, cfg.lora, seed=t.seed)
     if device.type == "cpu":
@@ -270,7 +297,7 @@ def _check_output_dir(out, resume):
                            f"another --output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".phitune-write-test"
+        probe = out / f".phitune-write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

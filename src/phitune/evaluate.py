@@ -1,0 +1,159 @@
+"""`phitune eval`: score the base model and adapters on the same held-out data, with the same template.
+
+Answer-token loss and perplexity always; when records carry reference answers, batched greedy generation
+scored with BLEU and chrF (sacrebleu), ROUGE-L and exact match. Records with the same prompt are one
+question with several references (as in E2E).
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from phitune import data
+from phitune import generate as gen
+from phitune.errors import PhituneError
+from phitune.inference_args import add_model_args
+from phitune.loss import AnswerLoss
+
+
+def add_parser(p):
+    add_model_args(p, multiple_adapters=True)
+    p.add_argument("--data", required=True, help="JSONL test data (any training format)")
+    p.add_argument("--output", help="write all scores to this JSON file")
+    p.add_argument("--max_length", type=int, default=1024, help="longest example scored, in tokens")
+    p.add_argument("--batch_size", type=int, default=16, help="examples per forward / generation batch")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="longest generated answer")
+    p.add_argument("--no_generate", action="store_true", help="loss and perplexity only (fast)")
+    p.add_argument("--limit", type=int, help="score only the first N questions")
+
+
+def main(args):
+    records, fmt = data.read_jsonl(args.data)
+    loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
+    questions = group_questions(records)
+    if args.limit:
+        questions = questions[:args.limit]
+        keep = {q["key"] for q in questions}
+        records = [r for r in records if _key(r) in keep]
+    columns = [None] + list(loaded.adapters)
+    results = {}
+    for col in columns:
+        label = "base" if col is None else col
+        print(f"scoring {label} ...", file=sys.stderr)
+        scores = loss_scores(loaded, records, col, args.max_length, args.batch_size)
+        if not args.no_generate and fmt != "text":
+            answers = gen.generate(loaded, [q["messages"] for q in questions],
+                                   gen.Sampling(max_new_tokens=args.max_new_tokens), adapter=col,
+                                   batch_size=args.batch_size)
+            scores.update(reference_scores([a.text for a in answers], [q["references"] for q in questions]))
+            scores["samples"] = [{"prompt": q["messages"][-1]["content"], "answer": a.text,
+                                  "reference": q["references"][0]} for q, a in list(zip(questions, answers))[:5]]
+        results[label] = scores
+    print_table(results)
+    if args.output:
+        Path(args.output).write_text(json.dumps({"data": str(args.data), "base_model": loaded.base_name,
+                                                 "adapters": loaded.adapters, "questions": len(questions),
+                                                 "results": results, "deltas": deltas(results)}, indent=2))
+        print(f"scores written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _key(record):
+    return json.dumps(record["messages"][:-1]) if "messages" in record else record["text"]
+
+
+def group_questions(records):
+    """One question per distinct prompt, with every reference answer given for it."""
+    by_prompt = {}
+    for r in records:
+        if "messages" not in r:
+            continue
+        q = by_prompt.setdefault(_key(r), {"key": _key(r), "messages": r["messages"][:-1], "references": []})
+        q["references"].append(r["messages"][-1]["content"])
+    return list(by_prompt.values())
+
+
+@torch.no_grad()
+def loss_scores(loaded, records, adapter, max_length, batch_size):
+    examples, _ = data.encode_records(records, loaded.template, max_length)
+    if not examples:
+        raise PhituneError("no example has an answer token within --max_length")
+    loss_model = AnswerLoss(loaded.model).eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    total, count = 0.0, 0
+    with loaded.use(adapter), gen._autocast(loaded):
+        for start in range(0, len(order), batch_size):
+            batch = data.collate([examples[i] for i in order[start:start + batch_size]], loaded.tokenizer.pad_token_id)
+            loss_sum, n = loss_model(**{k: v.to(loaded.device) for k, v in batch.items()})
+            total, count = total + float(loss_sum), count + int(n)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "answer_tokens": count}
+
+
+def _lcs(a, b):
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate, reference):
+    """ROUGE-L F-measure on lower-cased whitespace tokens."""
+    c, r = candidate.lower().split(), reference.lower().split()
+    if not c or not r:
+        return 0.0
+    lcs = _lcs(c, r)
+    if lcs == 0:
+        return 0.0
+    p, rec = lcs / len(c), lcs / len(r)
+    return 2 * p * rec / (p + rec)
+
+
+def _norm(text):
+    return " ".join(text.lower().split())
+
+
+def reference_scores(hypotheses, references):
+    """Corpus BLEU/chrF over all references per question; ROUGE-L and exact match take the best reference."""
+    import sacrebleu
+    width = max(len(r) for r in references)
+    # sacrebleu wants one stream per reference slot; questions with fewer references pad with None
+    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
+    bleu = sacrebleu.corpus_bleu(hypotheses, streams).score
+    chrf = sacrebleu.corpus_chrf(hypotheses, streams).score
+    rouge = sum(max(rouge_l(h, r) for r in refs) for h, refs in zip(hypotheses, references)) / len(hypotheses)
+    exact = sum(any(_norm(h) == _norm(r) for r in refs) for h, refs in zip(hypotheses, references)) / len(hypotheses)
+    return {"bleu": bleu, "chrf": chrf, "rouge_l": 100 * rouge, "exact_match": 100 * exact}
+
+
+METRICS = [("loss", "answer loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("bleu", "BLEU", "{:.2f}"),
+           ("chrf", "chrF", "{:.2f}"), ("rouge_l", "ROUGE-L", "{:.2f}"), ("exact_match", "exact match %", "{:.1f}")]
+
+
+def deltas(results):
+    base = results.get("base", {})
+    return {name: {k: scores[k] - base[k] for k, _, _ in METRICS if k in scores and k in base}
+            for name, scores in results.items() if name != "base"}
+
+
+def print_table(results):
+    names = list(results)
+    d = deltas(results)
+    header = ["metric"] + names + [f"{n} - base" for n in d]
+    rows = [header]
+    for key, label, fmt in METRICS:
+        if not any(key in results[n] for n in names):
+            continue
+        row = [label] + [fmt.format(results[n][key]) if key in results[n] else "-" for n in names]
+        row += [("+" if d[n].get(key, 0) >= 0 else "") + fmt.format(d[n][key]) if key in d[n] else "-" for n in d]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, row in enumerate(rows):
+        print("  ".join(cell.rjust(w) if j else cell.ljust(w) for j, (cell, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))

@@ -1,0 +1,102 @@
+"""Faults: SIGKILL at random moments then --resume, corrupt checkpoints, non-finite steps, random JSONL."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from conftest import MEMORISE, run_cli, write_jsonl
+from phitune import data
+from phitune.errors import DataError
+
+ROWS = MEMORISE + [{"prompt": f"Question number {i}", "response": f"Answer number {i}."} for i in range(12)]
+
+
+def train_cmd(tiny_models, data_file, out):
+    return [sys.executable, "-m", "phitune", "train", "--model", str(tiny_models["phi"]), "--dataset_path",
+            str(data_file), "--output_dir", str(out), "--epochs", "6", "--batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--max_length", "64", "--lora_r", "4", "--lora_dropout", "0.1",
+            "--learning_rate", "1e-2", "--val_split", "0", "--save_steps", "1", "--save_total_limit", "2"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
+    data_file = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    reference = tmp_path / "reference"
+    subprocess.run(train_cmd(tiny_models, data_file, reference), check=True, capture_output=True, timeout=300)
+    want = load_file(reference / "final_adapter" / "adapter_model.safetensors")
+    rng = random.Random(7)
+    for attempt in range(3):
+        out = tmp_path / f"killed{attempt}"
+        proc = subprocess.Popen(train_cmd(tiny_models, data_file, out), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        target = rng.randint(2, 20)  # kill soon after checkpoint `target` appears: mid-step or mid-save
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / f"checkpoint-{target}").exists() and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.random() * 0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "final_adapter").exists() or proc.returncode == 0
+        result = subprocess.run(train_cmd(tiny_models, data_file, out) + ["--resume"], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        got = load_file(out / "final_adapter" / "adapter_model.safetensors")
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_corrupt_checkpoint_is_named(tiny_models, tmp_path, capsys):
+    data_file = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_models["phi"], "--dataset_path", data_file, "--output_dir", out, "--max_steps",
+            2, "--batch_size", 4, "--gradient_accumulation_steps", 1, "--val_split", 0, "--save_steps", 1]
+    assert run_cli(*args) == 0
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert run_cli(*args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-2: cannot resume from this checkpoint" in err and "delete it" in err
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tiny_models, tmp_path, capsys):
+    data_file = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "run"
+    code = run_cli("train", "--model", tiny_models["phi"], "--dataset_path", data_file, "--output_dir", out,
+                   "--learning_rate", "1e30", "--max_grad_norm", 0, "--batch_size", 4, "--gradient_accumulation_steps",
+                   1, "--val_split", 0, "--max_nonfinite_steps", 2, "--epochs", 50, "--save_steps", 1)
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite loss or gradient" in err and "Traceback" not in err
+    from phitune import checkpoints
+    last = checkpoints.complete(out)[-1]
+    weights = load_file(last / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())  # the last good checkpoint is intact
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                               st.sampled_from(["prompt", "response", "completion", "text", "messages", "role",
+                                                "content", "instruction", "input", "output", "x"]), inner,
+                               max_size=4), max_leaves=12)
+lines = st.one_of(json_values.map(json.dumps), st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
+                  st.text(max_size=40))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(lines, max_size=6))
+def test_reader_loads_or_raises_its_own_error(tmp_path, rows):
+    path = tmp_path / "random.jsonl"
+    path.write_text("\n".join(rows), encoding="utf-8", errors="surrogateescape")
+    try:
+        records, fmt = data.read_jsonl(path)
+    except DataError as e:
+        assert str(path) in str(e)
+        return
+    assert records and fmt in data.FORMATS

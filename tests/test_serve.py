@@ -1,0 +1,105 @@
+"""`phitune serve` answers the real openai client on a localhost port."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+KEY = "test-key-123"
+
+
+def post(url, body, key=KEY):
+    """Raw POST (bytes or a JSON-able object) -> (status, parsed JSON body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(memorised_adapter, tiny_models):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", "--adapter_path",
+                             f"tuned={memorised_adapter}", "--port", str(port), "--api-key", KEY,
+                             "--max_tokens_limit", "64", "--max_body_bytes", "20000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}),
+                                   timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stdout.read())
+            time.sleep(0.5)
+    yield url, proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def client(url, key=KEY):
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
+
+
+def test_models_chat_stream_and_completions(server):
+    url, _ = server
+    c = client(url)
+    assert [m.id for m in c.models.list().data] == ["base", "tuned"]
+    reply = c.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "Say the code for red"}],
+                                      temperature=0)
+    assert reply.choices[0].message.content == "The code for red is one."
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens > 0
+    base = c.chat.completions.create(model="base", messages=[{"role": "user", "content": "Say the code for red"}],
+                                     temperature=0, max_tokens=8)
+    assert base.choices[0].message.content != "The code for red is one."
+    pieces = [ch.choices[0].delta.content or "" for ch in
+              c.chat.completions.create(model="tuned", stream=True, temperature=0,
+                                        messages=[{"role": "user", "content": "Say the code for blue"}])]
+    assert "".join(pieces).strip() == "The code for blue is two." and len([p for p in pieces if p]) > 1
+    done = c.completions.create(model="tuned", prompt="The quick brown", max_tokens=5, temperature=0)
+    assert done.choices[0].finish_reason in ("length", "stop") and done.usage.prompt_tokens > 0
+
+
+def test_errors_have_openai_shape(server):
+    url, _ = server
+    c = client(url)
+    with pytest.raises(openai.NotFoundError) as err:
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert "does not exist" in str(err.value)
+    with pytest.raises(openai.BadRequestError, match="over this server's limit"):
+        c.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=1000)
+    with pytest.raises(openai.BadRequestError, match="context_length_exceeded|the prompt is"):
+        c.chat.completions.create(model="base", messages=[{"role": "user", "content": "word " * 3000}])
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="wrong").models.list()
+    status, body = post(f"{url}/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body = post(f"{url}/chat/completions", {"model": "base", "messages": [{"role": "user", "content": 3}]})
+    assert status == 400 and body["error"]["param"].startswith("messages")
+    status, body = post(f"{url}/chat/completions", {"model": "base", "max_tokens": -1,
+                                                    "messages": [{"role": "user", "content": "x"}]})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, body = post(f"{url}/chat/completions", b"x" * 30000)
+    assert status == 413 and "body" in body["error"]["message"]
+    status, body = post(f"{url}/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}]},
+                        key="wrong")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
