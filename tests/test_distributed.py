@@ -26,7 +26,7 @@ def test_two_processes_match_one(tiny_models, tmp_path, capsys):
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
     loss = lambda d: [json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
     la, lb = loss(one), loss(two)
-    assert len(la) == len(lb) == 6  # 12 train examples / effective batch 4 x 3 epochs, logged once (main process)
+    assert len(la) == len(lb) == 9  # 6 batches of 2 per epoch, 2 per step, 3 epochs; logged once (main process)
     for ra, rb in zip(la, lb):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-3)
     assert sorted(p.name for p in two.iterdir() if p.name.endswith("adapter")) == ["best_adapter", "final_adapter"]
