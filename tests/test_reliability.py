@@ -100,3 +100,48 @@ def test_reader_loads_or_raises_its_own_error(tmp_path, rows):
         assert str(path) in str(e)
         return
     assert records and fmt in data.FORMATS
+
+
+def test_out_of_memory_retries_with_smaller_micro_batches(tiny_models, tmp_path, capsys, monkeypatch):
+    """An OOM (injected for micro-batches over 2 rows) is retried with half the micro-batch, same result."""
+    from phitune.loss import AnswerLoss
+    data_file = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    args = ["train", "--model", tiny_models["llama"], "--dataset_path", data_file, "--max_steps", 4, "--batch_size",
+            4, "--gradient_accumulation_steps", 1, "--val_split", 0, "--lora_dropout", 0, "--learning_rate", 1e-2]
+    assert run_cli(*args, "--output_dir", tmp_path / "plain") == 0
+    real = AnswerLoss.forward
+
+    def small_memory(self, input_ids, attention_mask, labels):
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return real(self, input_ids, attention_mask, labels)
+
+    monkeypatch.setattr(AnswerLoss, "forward", small_memory)
+    capsys.readouterr()
+    assert run_cli(*args, "--output_dir", tmp_path / "oom") == 0
+    assert "out of memory at step 1: retrying with micro-batches of 2 and 2x" in capsys.readouterr().err
+    a = load_file(tmp_path / "plain/final_adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "oom/final_adapter/adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_ctrl_c_saves_and_prints_the_resume_command(tiny_models, tmp_path):
+    data_file = write_jsonl(tmp_path / "d.jsonl", ROWS * 4)
+    out = tmp_path / "run"
+    cmd = train_cmd(tiny_models, data_file, out)
+    cmd[cmd.index("--save_steps") + 1] = "1000"  # only the Ctrl-C checkpoint
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    while time.time() < deadline and len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err and "interrupted at step" in err and "Traceback" not in err
+    from phitune import checkpoints
+    assert checkpoints.complete(out), "no checkpoint saved on Ctrl-C"
+    result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "resuming from" in result.stderr

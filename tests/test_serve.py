@@ -103,3 +103,59 @@ def test_errors_have_openai_shape(server):
     status, body = post(f"{url}/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}]},
                         key="wrong")
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def stream_chat(url, model, content):
+    """Raw streaming request -> (status, concatenated text)."""
+    body = json.dumps({"model": model, "stream": True, "temperature": 0,
+                       "messages": [{"role": "user", "content": content}]}).encode()
+    req = urllib.request.Request(f"{url}/chat/completions", data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    text = ""
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                delta = json.loads(line[6:])["choices"][0].get("delta", {})
+                text += delta.get("content") or ""
+        return r.status, text.strip()
+
+
+def test_load_200_requests_from_20_clients(server):
+    """Good requests all answered correctly, bad ones all 4xx JSON, server up, memory steady (127.0.0.1 only)."""
+    import psutil
+    from concurrent.futures import ThreadPoolExecutor
+    from conftest import MEMORISE
+    url, proc = server
+    rss = lambda: psutil.Process(proc.pid).memory_info().rss
+    for _ in range(3):  # warm up: first requests allocate caches
+        post(f"{url}/chat/completions", {"model": "tuned", "temperature": 0,
+                                         "messages": [{"role": "user", "content": MEMORISE[0]["prompt"]}]})
+    before = rss()
+    bad = [b"{broken", {"model": "tuned", "messages": "not a list"}, {"model": "tuned", "max_tokens": -5,
+           "messages": [{"role": "user", "content": "x"}]}, {"model": "ghost", "messages": [{"role": "user",
+           "content": "x"}]}, {"model": "tuned", "messages": [{"role": "user", "content": "word " * 3000}]}]
+
+    def one(i):
+        row = MEMORISE[i % len(MEMORISE)]
+        kind = i % 5
+        if kind == 0:
+            return "bad", post(f"{url}/chat/completions", bad[(i // 5) % len(bad)])
+        if kind == 1:
+            return row["response"], stream_chat(url, "tuned", row["prompt"])
+        status, body = post(f"{url}/chat/completions", {"model": "tuned", "temperature": 0, "max_tokens": 32,
+                                                        "messages": [{"role": "user", "content": row["prompt"]}]})
+        return row["response"], (status, body["choices"][0]["message"]["content"] if status == 200 else body)
+
+    started = time.time()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(one, range(200)))
+    assert time.time() - started < 600
+    for want, (status, got) in results:
+        if want == "bad":
+            assert 400 <= status < 500 and "error" in got and "message" in got["error"]
+        else:
+            assert status == 200 and got == want
+    assert proc.poll() is None
+    after = rss()
+    assert after <= 1.10 * before, (before, after)

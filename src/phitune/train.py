@@ -119,6 +119,8 @@ def train(cfg):
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing gives LoRA weights their gradients without input-grad hooks.
         _enable_checkpointing(model.get_base_model())
+    if device.type == "cpu" and accelerator.is_main_process:
+        _preflight(model, t, [len(e["input_ids"]) for e in train_set], n_trainable, out, lambda m: log(accelerator, m))
     loss_model = AnswerLoss(model)
     if t.torch_compile:
         for layer in loss_model.decoder.layers:  # regional compilation: one graph per block, compiled once
@@ -149,7 +151,11 @@ def train(cfg):
     def save_checkpoint(step):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            checkpoints.save(out, step, model, optimizer, scheduler, state, t.save_total_limit)
+            try:
+                checkpoints.save(out, step, model, optimizer, scheduler, state, t.save_total_limit)
+            except OSError as e:
+                raise PhituneError(f"could not write checkpoint-{step} in {out} ({e.strerror or e}); the checkpoints "
+                                   f"already there are intact: free space and rerun with --resume") from None
 
     def validate():
         if not val_set:
@@ -171,7 +177,7 @@ def train(cfg):
     loss_model.train()
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_main_process)
-    nonfinite, stop_reason, step = 0, None, start
+    nonfinite, stop_reason, step, split, completed = 0, None, start, 1, start
     batches, batches_epoch = None, None
     run_start, tokens_at_start, seconds_before = time.perf_counter(), state["tokens"], state["seconds"]
     try:
@@ -188,15 +194,23 @@ def train(cfg):
             local = torch.tensor(float(sum(int((m["labels"][:, 1:] != data.IGNORE).sum()) for m in micro)),
                                  device=device)
             step_tokens = accelerator.reduce(local, "sum").clamp(min=1)
-            step_loss = torch.zeros((), device=device)
-            for i, batch in enumerate(micro):
-                sync = i == len(micro) - 1
-                with (nullcontext() if sync else accelerator.no_sync(loss_model)), _autocast(device, autocast_dtype):
-                    loss_sum, _ = loss_model(**batch)
-                loss = loss_sum * world / step_tokens
-                accelerator.backward(loss)
-                step_loss += loss_sum.detach()
-                state["tokens"] += int(batch["attention_mask"].sum()) * world
+            while True:
+                try:
+                    step_loss, seen = _forward_backward(loss_model, accelerator, micro, split, step_tokens,
+                                                        device, autocast_dtype)
+                    break
+                except torch.OutOfMemoryError:
+                    # Same effective batch: each micro-batch is cut into more, smaller pieces.
+                    optimizer.zero_grad(set_to_none=True)
+                    _free_memory(device)
+                    if split >= t.batch_size:
+                        raise PhituneError("out of memory even with one example per micro-batch; lower "
+                                           "--max_length, turn on --gradient_checkpointing or use --quantize 4bit")
+                    split *= 2
+                    log(accelerator, f"out of memory at step {step}: retrying with micro-batches of "
+                                     f"{math.ceil(t.batch_size / split)} and {split}x the accumulation steps "
+                                     f"(same effective batch)")
+            state["tokens"] += seen
             state["answer_tokens"] += int(step_tokens)
             grad_norm = (accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm
                          else torch.zeros(()))
@@ -205,6 +219,7 @@ def train(cfg):
                 nonfinite += 1  # skip: the weights keep their last finite values
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                completed = step
                 log(accelerator, f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
                 if nonfinite >= t.max_nonfinite_steps:
                     stop_reason = (f"{nonfinite} steps in a row had a non-finite loss or gradient; lower "
@@ -215,6 +230,7 @@ def train(cfg):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            completed = step  # the weights now hold this step
 
             elapsed = seconds_before + time.perf_counter() - run_start
             speed = (state["tokens"] - tokens_at_start) / max(time.perf_counter() - run_start, 1e-9)
@@ -251,10 +267,10 @@ def train(cfg):
                 break
     except KeyboardInterrupt:
         bar.close()
-        done = step - 1 if step > start else start
-        if done > start:
-            save_checkpoint(done)
-        log(accelerator, f"interrupted at step {done}; continue with:\n  {_resume_command()}")
+        optimizer.zero_grad(set_to_none=True)  # drop a half-accumulated step
+        if completed > start and not (out / f"checkpoint-{completed}").is_dir():
+            save_checkpoint(completed)
+        log(accelerator, f"interrupted at step {completed}; continue with:\n  {_resume_command()}")
         sys.exit(130)
     bar.close()
     if stop_reason and nonfinite:
@@ -289,6 +305,65 @@ def train(cfg):
         _print_summary(final_metrics, final, out, speed=final_metrics["tokens"] / max(state["seconds"], 1e-9))
     accelerator.wait_for_everyone()
     return final
+
+
+def _forward_backward(loss_model, accelerator, micro, split, step_tokens, device, autocast_dtype):
+    """Forward and backward over one step's micro-batches, each cut into `split` row chunks.
+
+    Returns (summed loss of this process, tokens seen by all processes)."""
+    world = accelerator.num_processes
+    pieces = [chunk for m in micro for chunk in _rows(m, split)]
+    total, tokens = torch.zeros((), device=device), 0
+    for i, batch in enumerate(pieces):
+        last = i == len(pieces) - 1  # DDP syncs gradients once, after the last piece
+        with (nullcontext() if last else accelerator.no_sync(loss_model)), _autocast(device, autocast_dtype):
+            loss_sum, _ = loss_model(**batch)
+        accelerator.backward(loss_sum * world / step_tokens)
+        total += loss_sum.detach()
+        tokens += int(batch["attention_mask"].sum()) * world
+    return total, tokens
+
+
+def _rows(batch, split):
+    if split == 1:
+        return [batch]
+    size = math.ceil(batch["input_ids"].shape[0] / split)
+    return [{k: v[s:s + size] for k, v in batch.items()} for s in range(0, batch["input_ids"].shape[0], size)]
+
+
+def _free_memory(device):
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def _preflight(model, t, lengths, n_trainable, out, log_fn):
+    """Warn before a CPU run that will not fit in RAM; refuse one whose checkpoints cannot fit on disk."""
+    import shutil
+    cfg = model.config
+    checkpoint = n_trainable * 4 * 3 + 50 * 2**20  # weights + Adam moments + tokenizer and state
+    free = shutil.disk_usage(out).free
+    if free < checkpoint * (t.save_total_limit + 3):
+        raise PhituneError(f"output_dir: {out} has {free / 2**20:.0f} MiB free; checkpoints and the adapter need "
+                           f"about {checkpoint * (t.save_total_limit + 3) / 2**20:.0f} MiB")
+    try:
+        import psutil
+        available = psutil.virtual_memory().available
+    except ImportError:
+        return
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokens = t.batch_size * max(lengths)
+    # Bytes kept for backward per token per layer, measured on the demo model: about (30 d + 6 f) x 4.
+    per_layer = (30 * cfg.hidden_size + 6 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)) * 4
+    layers = 1 if t.gradient_checkpointing else cfg.num_hidden_layers
+    need = weights + n_trainable * 16 + tokens * per_layer * layers + tokens * cfg.hidden_size * 4 * \
+        cfg.num_hidden_layers
+    if need > 0.9 * available:
+        log_fn(f"warning: this run needs about {need / 2**30:.1f} GiB of RAM and {available / 2**30:.1f} GiB is "
+               f"available; lower --batch_size or --max_length, or turn on --gradient_checkpointing")
 
 
 def _check_output_dir(out, resume):
