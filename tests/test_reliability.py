@@ -107,7 +107,8 @@ def test_out_of_memory_retries_with_smaller_micro_batches(tiny_models, tmp_path,
     from phitune.loss import AnswerLoss
     data_file = write_jsonl(tmp_path / "d.jsonl", ROWS)
     args = ["train", "--model", tiny_models["llama"], "--dataset_path", data_file, "--max_steps", 4, "--batch_size",
-            4, "--gradient_accumulation_steps", 1, "--val_split", 0, "--lora_dropout", 0, "--learning_rate", 1e-2]
+            4, "--gradient_accumulation_steps", 1, "--val_split", 0, "--lora_dropout", 0, "--learning_rate", 1e-3,
+            "--precision", "fp32"]
     assert run_cli(*args, "--output_dir", tmp_path / "plain") == 0
     real = AnswerLoss.forward
 
