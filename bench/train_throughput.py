@@ -108,12 +108,13 @@ def trainer_run(kind, steps):
         from trl import SFTConfig, SFTTrainer
         ds = Dataset.from_list([{"prompt": [{"role": "user", "content": mr}],
                                  "completion": [{"role": "assistant", "content": ref}]} for mr, ref in data])
-        packing = kind == "trl-packed"
+        packing = kind in ("trl-packed", "trl-packed-nockpt")
         args = SFTConfig(output_dir=out, per_device_train_batch_size=16 if not packing else 4,
                          gradient_accumulation_steps=1 if not packing else 1, max_steps=steps, learning_rate=LR,
                          logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=True, seed=0,
                          lr_scheduler_type="cosine", warmup_steps=0, max_length=MAX_LENGTH, packing=packing,
                          completion_only_loss=True, dataloader_num_workers=0, disable_tqdm=True,
+                         gradient_checkpointing=not kind.endswith("nockpt"),  # TRL's default is on
                          model_init_kwargs={"dtype": torch.float32})
         trainer = SFTTrainer(model=str(path), args=args, train_dataset=ds, peft_config=lora, processing_class=tok,
                              callbacks=[Clock()])
@@ -133,14 +134,12 @@ def trainer_run(kind, steps):
     timed = counts[per_step:per_step * steps]
     seconds = clock.times[-1] - clock.times[0]
     return {"tokens_per_s": sum(c[0] for c in timed) / seconds, "answer_tokens_per_s": sum(c[1] for c in timed) / seconds,
-            "final_loss": clock.losses[-1] if clock.losses else None, "seconds": time.perf_counter() - start,
-            "mean_tokens_per_example": sum(c[0] for c in counts) / max(1, per_step * steps * EFFECTIVE_BATCH / per_step)
-            / max(1, per_step) if False else None}
+            "final_loss": clock.losses[-1] if clock.losses else None, "seconds": time.perf_counter() - start}
 
 
 # ------------------------------------------------------------------ phitune, through its CLI
 
-def phitune_run(steps):
+def phitune_run(steps, checkpointing=False):
     from phitune.cli import main
     tmp = Path(tempfile.mkdtemp(prefix="bench-phitune-"))
     data = tmp / "e2e512.jsonl"
@@ -151,7 +150,8 @@ def phitune_run(steps):
             "--max_steps", str(steps), "--batch_size", "16", "--gradient_accumulation_steps", "1",
             "--max_length", str(MAX_LENGTH), "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]),
             "--lora_dropout", str(LORA["dropout"]), "--learning_rate", str(LR), "--warmup_ratio", "0",
-            "--val_split", "0", "--no-gradient_checkpointing", "--save_steps", "100000", "--seed", "0"]
+            "--val_split", "0", "--gradient_checkpointing" if checkpointing else "--no-gradient_checkpointing",
+            "--save_steps", "100000", "--seed", "0"]
     start = time.perf_counter()
     try:
         main(argv)
@@ -195,7 +195,10 @@ def flops_per_token(mean_len):
 
 
 def child(system, steps):
-    result = phitune_run(steps) if system == "phitune" else trainer_run(system, steps)
+    if system.startswith("phitune"):
+        result = phitune_run(steps, checkpointing=system == "phitune-ckpt")
+    else:
+        result = trainer_run(system, steps)
     result["peak_rss_mib"] = rss_peak_mib()
     print("RESULT " + json.dumps(result))
 
@@ -203,7 +206,8 @@ def child(system, steps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per system (the first is not timed)")
-    ap.add_argument("--only", nargs="+", default=["seed", "trl", "trl-packed", "phitune"])
+    ap.add_argument("--only", nargs="+", default=["seed", "trl", "trl-packed", "trl-packed-nockpt", "phitune",
+                                                  "phitune-ckpt"])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--output", default=str(ROOT / "bench" / "train_throughput.json"))
     args = ap.parse_args()
@@ -223,11 +227,8 @@ def main():
         print(json.dumps(results[system]), file=sys.stderr, flush=True)
     from phitune.models import cpu_has_fast_bf16
     peak = matmul_peak("bfloat16" if cpu_has_fast_bf16() else "float32")
-    from transformers import AutoTokenizer
     from phitune import models
     tok = models.load_tokenizer(MODEL)
-    lens = [len(tok.apply_chat_template([{"role": "user", "content": mr}, {"role": "assistant", "content": ref}],
-                                        tokenize=False)) for mr, ref in pairs()]
     ids = [len(tok(tok.apply_chat_template([{"role": "user", "content": mr}, {"role": "assistant", "content": ref}],
                                            tokenize=False), add_special_tokens=False)["input_ids"]) for mr, ref in pairs()]
     mean_len = sum(ids) / len(ids)
@@ -245,7 +246,7 @@ def main():
               f"{r['peak_rss_mib']:7.0f}Mi {r['final_loss']:10.4f}")
     ok = {k: v for k, v in results.items() if "error" not in v}
     if "phitune" in ok:
-        for base in ("seed", "trl", "trl-packed"):
+        for base in ("seed", "trl", "trl-packed", "trl-packed-nockpt"):
             if base in ok:
                 print(f"phitune / {base}: {ok['phitune']['tokens_per_s'] / ok[base]['tokens_per_s']:.2f}x all tokens, "
                       f"{ok['phitune']['answer_tokens_per_s'] / ok[base]['answer_tokens_per_s']:.2f}x answer tokens")

@@ -27,3 +27,24 @@ def test_demo_model_trains_and_generates(tmp_path):
                    for a in (None, loaded.first_adapter))
     assert "Paris" in base.text  # a real pretrained instruct model answers
     assert tuned.tokens > 0 and tuned.text
+
+
+def test_compare_keeps_one_base_copy_in_memory(tmp_path):
+    """Peak memory of compare with an adapter stays within 1.15x of the base model alone."""
+    import re
+    import subprocess
+    import sys
+    out = tmp_path / "a"
+    assert run_cli("train", "--model", "smollm2-135m-instruct", "--dataset_path", ROOT / "examples/e2e_demo.jsonl",
+                   "--output_dir", out, "--max_steps", 1, "--batch_size", 2, "--gradient_accumulation_steps", 1,
+                   "--max_length", 128, "--val_split", 0, "--no-gradient_checkpointing") == 0
+    q = tmp_path / "q.yaml"
+    q.write_text("questions:\n  - What is the capital of France?\n  - Name a colour.\n")
+    peaks = {}
+    for name, extra in (("base", ["--model", "smollm2-135m-instruct"]),
+                        ("tuned", ["--adapter_path", str(out / "final_adapter")])):
+        r = subprocess.run([sys.executable, "-m", "phitune", "compare", *extra, "--questions", str(q),
+                            "--max_new_tokens", "16"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        peaks[name] = float(re.search(r"memory: peak (\d+) MiB", r.stderr).group(1))
+    assert peaks["tuned"] <= 1.15 * peaks["base"], peaks

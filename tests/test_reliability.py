@@ -146,3 +146,50 @@ def test_ctrl_c_saves_and_prints_the_resume_command(tiny_models, tmp_path):
     assert checkpoints.complete(out), "no checkpoint saved on Ctrl-C"
     result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "resuming from" in result.stderr
+
+
+def broken_copy(src, dst, change):
+    import shutil
+    shutil.copytree(src, dst)
+    change(dst)
+    return dst
+
+
+def test_bad_adapter_directories_get_one_message_each(memorised_adapter, tiny_models, tmp_path, capsys):
+    from tiny import build_model_dir
+    q = tmp_path / "q.yaml"
+    q.write_text("questions: [hello]\n")
+    wide = build_model_dir("llama", tmp_path / "wide")
+    cfg = json.loads((wide / "config.json").read_text())
+    cases = {
+        "adapter_model.safetensors is missing": broken_copy(
+            memorised_adapter, tmp_path / "missing", lambda d: (d / "adapter_model.safetensors").unlink()),
+        "cannot load the adapter": broken_copy(
+            memorised_adapter, tmp_path / "corrupt",
+            lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 64)),
+        "written by a newer phitune": broken_copy(
+            memorised_adapter, tmp_path / "newer", lambda d: (d / "phitune.json").write_text(
+                json.dumps({**json.loads((d / "phitune.json").read_text()), "format_version": 99}))),
+    }
+    capsys.readouterr()
+    for problem, path in cases.items():
+        assert run_cli("compare", "--adapter_path", path, "--questions", q) == 2
+        err = capsys.readouterr().err
+        assert problem in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # same architecture, other width: a base built with hidden_size 64
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg.update(hidden_size=64, intermediate_size=128)
+    AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"})) \
+        .save_pretrained(wide)
+    capsys.readouterr()
+    assert run_cli("compare", "--adapter_path", memorised_adapter, "--model", wide, "--questions", q) == 2
+    assert "hidden_size=32, but this base has hidden_size=64" in capsys.readouterr().err
+
+
+def test_unwritable_output_dir_is_refused_before_training(tiny_models, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    data_file = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    assert run_cli("train", "--model", tiny_models["phi"], "--dataset_path", data_file,
+                   "--output_dir", blocker / "run") == 2
+    assert "output_dir: cannot write to" in capsys.readouterr().err

