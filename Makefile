@@ -24,7 +24,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# Baselines (TRL) are installed only for the benchmark.
 bench: setup
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
 	$(PY) bench/train_throughput.py
 
 clean:

@@ -145,3 +145,15 @@ def test_validation_split_is_deterministic_and_disjoint():
     assert data.split_validation(records, 0.1, seed=3) == (train, val)
     assert not {r["text"] for r in val} & {r["text"] for r in train}
     assert data.split_validation(records, 0.0, seed=3) == (records, [])
+
+
+def test_ten_megabyte_line_is_read_then_cut_by_the_length_rule(tmp_path):
+    huge = "word " * 2_000_000  # 10 MB answer on one line
+    path = write_jsonl(tmp_path / "big.jsonl", [{"prompt": "p", "response": huge}, {"prompt": "q", "response": "r"}])
+    records, _ = data.read_jsonl(path)
+    assert len(records[0]["messages"][1]["content"]) == len(huge)
+    bad = tmp_path / "bigbad.jsonl"
+    bad.write_text('{"prompt": "p", "response": "' + "x" * 10_000_000 + '"\n')  # unterminated object
+    with pytest.raises(DataError) as err:
+        data.read_jsonl(bad)
+    assert len(str(err.value)) < 300  # the message names the problem without echoing the line
