@@ -22,6 +22,9 @@ from phitune.report import MetricsLog, ppl, summary
 from phitune.templates import Template
 
 
+EAGER_ATTENTION_MAX_LEN = 512  # beyond this the (T x T) attention weights kept for backward grow too large
+
+
 def add_parser(parser):
     add_arguments(parser)
 
@@ -110,6 +113,10 @@ def train(cfg):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
+    if device.type == "cpu" and max(len(e["input_ids"]) for e in train_set) <= EAGER_ATTENTION_MAX_LEN:
+        # For short sequences PyTorch's CPU SDPA kernels (mostly their backward) are slower than plain
+        # matmul + softmax: ~30% per step on the demo model, interleaved runs in docs/benchmarks.md.
+        model.set_attn_implementation("eager")
     model, targets = adapters.attach_lora(model, cfg.lora, seed=t.seed)
     if device.type == "cpu":
         use_fast_dropout(model)  # per-element Bernoulli draws were ~30% of a CPU step
