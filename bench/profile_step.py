@@ -1,0 +1,86 @@
+"""Profile LoRA training steps on the demo model (the measurements behind docs/benchmarks.md).
+
+    .venv/bin/python bench/profile_step.py [--weights fp32|bf16] [--attention sdpa|eager]
+                                           [--torch_dropout] [--compile] [--profile]
+
+Batches of 16 of the first 512 E2E pairs (length-grouped), LoRA r=16 on all linear layers, dropout 0.05,
+bf16 autocast. Prints the median tokens/s over 6 steps and the peak RSS; --profile adds a
+torch.profiler table of two more steps.
+"""
+import argparse
+import csv
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from phitune import adapters, data, models
+from phitune.config import LoraArgs
+from phitune.dropout import use_fast_dropout
+from phitune.loss import AnswerLoss
+from phitune.templates import Template
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--weights", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--attention", default="eager", choices=("sdpa", "eager"))
+    ap.add_argument("--torch_dropout", action="store_true", help="PEFT's nn.Dropout instead of phitune's")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile of each decoder block")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    tok = models.load_tokenizer("smollm2-135m-instruct")
+    template = Template(tok)
+    with open(DATA, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))[:512]
+    records = [{"messages": [{"role": "user", "content": r["mr"]}, {"role": "assistant", "content": r["ref"]}]}
+               for r in rows]
+    examples, _ = data.encode_records(records, template, 512)
+    dtype = torch.bfloat16 if args.weights == "bf16" else torch.float32
+    model = models.load_model("smollm2-135m-instruct", dtype)
+    model.config.use_cache = False
+    model.set_attn_implementation(args.attention)
+    peft_model, _ = adapters.attach_lora(model, LoraArgs(lora_r=16, lora_dropout=0.05), seed=0)
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if not args.torch_dropout:
+        use_fast_dropout(peft_model)
+    loss_model = AnswerLoss(peft_model)
+    if args.compile:
+        for layer in loss_model.decoder.layers:
+            layer.compile(dynamic=True)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    batches = data.length_grouped_batches([len(e["input_ids"]) for e in examples], 16, 0, 0)
+
+    def step(b):
+        batch = data.collate([examples[i] for i in b], tok.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n = loss_model(**batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+        return int(batch["attention_mask"].sum())
+
+    for b in batches[:3]:  # warm-up (and compilation)
+        step(b)
+    rates = []
+    for b in batches[3:9]:
+        t = time.perf_counter()
+        n = step(b)
+        rates.append(n / (time.perf_counter() - t))
+    print(f"{vars(args)}: median {sorted(rates)[len(rates) // 2]:.0f} tokens/s, peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for b in batches[9:11]:
+                step(b)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
