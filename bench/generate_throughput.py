@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from phitune import generate as gen
+from phitune import models
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv"
 
@@ -35,7 +36,7 @@ def main():
 
     def plain(conv):
         ids = torch.tensor([loaded.template.encode_prompt(conv)])
-        with torch.no_grad(), gen._autocast(loaded):
+        with torch.no_grad(), models.autocast(loaded.device, loaded.autocast_dtype):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=args.max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id)
         return out.shape[1] - ids.shape[1]

@@ -120,7 +120,7 @@ def main():
         print(json.dumps(r), flush=True)
     except ImportError:
         print("bitsandbytes not installed: QLoRA case skipped", flush=True)
-    print(f"\n| model | batch x seq | quantize | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
+    print("\n| model | batch x seq | quantize | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['batch']} x {r['seq']} | {r['quantize'] or '-'} | {r['tokens_per_s']:.0f} | "
               f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |")

@@ -11,7 +11,6 @@ Needs requirements-bench.txt (TRL) installed.
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import resource
@@ -184,7 +183,6 @@ def matmul_peak(dtype_name, n=2048, reps=5):
 
 def flops_per_token(mean_len):
     """4N + 6 L T d (the issue's LoRA estimate): N = matmul parameters including the LM head."""
-    import torch
     from transformers import AutoConfig
     from phitune import models
     cfg = AutoConfig.from_pretrained(models.provision_demo())

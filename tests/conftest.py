@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny import build_model_dir, build_tokenizer  # noqa: E402
+from tiny import build_model_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,5 @@
 """Reading, validating, templating, masking and batching training data."""
-import json
-
 import pytest
-import torch
 
 from conftest import write_jsonl
 from phitune import data

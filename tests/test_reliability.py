@@ -1,13 +1,11 @@
 """Faults: SIGKILL at random moments then --resume, corrupt checkpoints, non-finite steps, random JSONL."""
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

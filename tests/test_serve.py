@@ -1,5 +1,4 @@
 """`phitune serve` answers the real openai client on a localhost port."""
-import os
 import socket
 import subprocess
 import sys

@@ -9,13 +9,12 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 from phitune import data
 from phitune import generate as gen
 from phitune.errors import PhituneError
 from phitune.inference_args import add_model_args
-from phitune.loss import AnswerLoss
+from phitune import models
+from phitune.loss import AnswerLoss, summed_loss
 
 
 def add_parser(p):
@@ -75,19 +74,14 @@ def group_questions(records):
     return list(by_prompt.values())
 
 
-@torch.no_grad()
 def loss_scores(loaded, records, adapter, max_length, batch_size):
     examples, _ = data.encode_records(records, loaded.template, max_length)
     if not examples:
         raise PhituneError("no example has an answer token within --max_length")
     loss_model = AnswerLoss(loaded.model).eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    total, count = 0.0, 0
-    with loaded.use(adapter), gen._autocast(loaded):
-        for start in range(0, len(order), batch_size):
-            batch = data.collate([examples[i] for i in order[start:start + batch_size]], loaded.tokenizer.pad_token_id)
-            loss_sum, n = loss_model(**{k: v.to(loaded.device) for k, v in batch.items()})
-            total, count = total + float(loss_sum), count + int(n)
+    with loaded.use(adapter), models.autocast(loaded.device, loaded.autocast_dtype):
+        total, count = summed_loss(loss_model, examples, batch_size, loaded.tokenizer.pad_token_id, loaded.device)
+    total, count = float(total), int(count)
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "answer_tokens": count}
 

@@ -130,13 +130,6 @@ def _stop_strings(template):
     return ["\nInstruct:"] if template.kind == "phi2" else None
 
 
-def _autocast(loaded):
-    if loaded.autocast_dtype is None:
-        from contextlib import nullcontext
-        return nullcontext()
-    return torch.autocast(device_type=loaded.device.type, dtype=loaded.autocast_dtype)
-
-
 def _clean(text, template):
     for stop in _stop_strings(template) or []:
         text = text.split(stop, 1)[0]
@@ -158,7 +151,7 @@ def generate_ids(loaded, encoded, sampling=Sampling(), adapter=None, batch_size=
     stop_ids = template.stop_token_ids()
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    with loaded.use(adapter), _autocast(loaded):
+    with loaded.use(adapter), models.autocast(loaded.device, loaded.autocast_dtype):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             width = max(len(encoded[i]) for i in idx)
@@ -209,7 +202,7 @@ def stream_ids(loaded, prompt_ids, sampling=Sampling(), adapter=None, cancel=Non
 
     def work():
         try:
-            with torch.no_grad(), loaded.use(adapter), _autocast(loaded):
+            with torch.no_grad(), loaded.use(adapter), models.autocast(loaded.device, loaded.autocast_dtype):
                 loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                       eos_token_id=template.stop_token_ids(), pad_token_id=tok.pad_token_id,
                                       stop_strings=_stop_strings(template), tokenizer=tok,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phitune.data import IGNORE
+from phitune.data import IGNORE, collate
 
 # Chunk the head+CE over answer positions so the (tokens x vocab) logits never exist all at once.
 CHUNK = 2048
@@ -43,3 +43,16 @@ class AnswerLoss(nn.Module):
             logits = self.head(hidden[start:start + CHUNK]).float()  # (n, vocab)
             total = total + F.cross_entropy(logits, wanted[start:start + CHUNK], reduction="sum")
         return total, keep.sum()
+
+
+@torch.no_grad()
+def summed_loss(loss_model, examples, batch_size, pad_id, device, rank=0, world=1):
+    """(summed loss, trained tokens) over this process's share of `examples`, batched by length."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device, dtype=torch.long)
+    for start in range(rank * batch_size, len(order), batch_size * world):
+        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+        loss_sum, n = loss_model(**{k: v.to(device) for k, v in batch.items()})
+        total, count = total + loss_sum.float(), count + n
+    return total, count

@@ -252,6 +252,13 @@ def precision_plan(device, precision="auto", model_type=None):
     return torch.float32, None
 
 
+def autocast(device, dtype):
+    """torch.autocast for the compute dtype of precision_plan(), or a no-op when computing in the weights' dtype."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def describe(model):
     n = sum(p.numel() for p in model.parameters())
     return f"{model.config.model_type}, {n / 1e6:.1f}M parameters"

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Union
 
 from phitune import generate as gen
-from phitune.errors import PhituneError
 from phitune.inference_args import add_model_args
 
 LIMITS_HELP = "request limits (each over-limit request gets a 4xx error in OpenAI's shape)"

@@ -17,7 +17,7 @@ from phitune import adapters, checkpoints, data, models
 from phitune.config import RunConfig, add_arguments, build_config
 from phitune.dropout import use_fast_dropout
 from phitune.errors import ConfigError, PhituneError
-from phitune.loss import AnswerLoss
+from phitune.loss import AnswerLoss, summed_loss
 from phitune.report import MetricsLog, ppl, summary
 from phitune.templates import Template
 
@@ -168,14 +168,8 @@ def train(cfg):
         if not val_set:
             return None
         loss_model.eval()
-        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        order = sorted(range(len(val_set)), key=lambda i: len(val_set[i]["input_ids"]))
-        with torch.no_grad(), _autocast(device, autocast_dtype):
-            for b in range(rank * t.batch_size, len(order), t.batch_size * world):
-                batch = _to(data.collate([val_set[i] for i in order[b:b + t.batch_size]], tokenizer.pad_token_id),
-                            device)
-                loss_sum, n = loss_model(**batch)
-                total, count = total + loss_sum.float(), count + n
+        with models.autocast(device, autocast_dtype):
+            total, count = summed_loss(loss_model, val_set, t.batch_size, tokenizer.pad_token_id, device, rank, world)
         loss_model.train()
         total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
         return (total / count).item()
@@ -323,7 +317,7 @@ def _forward_backward(loss_model, accelerator, micro, split, step_tokens, device
     total, tokens = torch.zeros((), device=device), 0
     for i, batch in enumerate(pieces):
         last = i == len(pieces) - 1  # DDP syncs gradients once, after the last piece
-        with (nullcontext() if last else accelerator.no_sync(loss_model)), _autocast(device, autocast_dtype):
+        with (nullcontext() if last else accelerator.no_sync(loss_model)), models.autocast(device, autocast_dtype):
             loss_sum, _ = loss_model(**batch)
         accelerator.backward(loss_sum * world / step_tokens)
         total += loss_sum.detach()
@@ -398,10 +392,6 @@ def _portable(name):
     """Record local model paths as absolute paths, so the adapter works from any directory."""
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
-
-
-def _autocast(device, dtype):
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def _to(batch, device):
