@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
@@ -38,13 +39,6 @@ def rss_peak_mib():
 
 
 # ------------------------------------------------------------------ baselines on transformers.Trainer
-
-class StepClock:
-    """TrainerCallback-like recorder: wall time at the end of each optimizer step."""
-
-    def __init__(self):
-        self.times, self.losses = [], []
-
 
 def trainer_run(kind, steps):
     import torch
@@ -66,7 +60,7 @@ def trainer_run(kind, steps):
         a_ids = tok(full[len(prompt):end], add_special_tokens=False)["input_ids"]
         return p_ids, a_ids
 
-    clock = StepClock()
+    clock = SimpleNamespace(times=[], losses=[])  # step-end wall times and logged losses
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):

@@ -4,6 +4,7 @@ Prompts are rendered by the adapter's recorded template, so a tuned model is ask
 format it was trained on, and decoding stops at the recorded end-of-turn/EOS tokens.
 """
 import threading
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,6 @@ class Loaded:
 
     def use(self, name):
         """Context for generating with adapter `name`, or with the plain base for name None."""
-        from contextlib import nullcontext
         if name is None:
             return self.model.disable_adapter() if self.adapters else nullcontext()
         self.model.set_adapter(name)

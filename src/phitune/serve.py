@@ -165,7 +165,7 @@ def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=Non
                 reason = "length" if n >= sampling.max_new_tokens else "stop"
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", (n, reason)))
 
-        future = loop.run_in_executor(executor, job)
+        loop.run_in_executor(executor, job)
         try:
             while True:
                 kind, value = await queue.get()
@@ -180,7 +180,6 @@ def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=Non
         finally:  # also on client disconnect (cancellation): stop the generation, free the worker
             cancel.set()
             state["waiting"] -= 1
-            future.add_done_callback(lambda f: None)
 
     def usage(prompt, completion):
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
