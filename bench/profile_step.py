@@ -1,7 +1,7 @@
 """Profile LoRA training steps on the demo model (the measurements behind docs/benchmarks.md).
 
     .venv/bin/python bench/profile_step.py [--weights fp32|bf16] [--attention sdpa|eager]
-                                           [--torch_dropout] [--compile] [--profile]
+                                           [--lora fused|peft|peft-fastdropout] [--compile] [--profile]
 
 Batches of 16 of the first 512 E2E pairs (length-grouped), LoRA r=16 on all linear layers, dropout 0.05,
 bf16 autocast. Prints the median tokens/s over 6 steps and the peak RSS; --profile adds a
@@ -17,7 +17,7 @@ import torch
 
 from phitune import adapters, data, models
 from phitune.config import LoraArgs
-from phitune.dropout import use_fast_dropout
+from phitune.cpu_lora import FastDropout, use_fused_lora
 from phitune.loss import AnswerLoss
 from phitune.templates import Template
 
@@ -28,7 +28,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--attention", default="eager", choices=("sdpa", "eager"))
-    ap.add_argument("--torch_dropout", action="store_true", help="PEFT's nn.Dropout instead of phitune's")
+    ap.add_argument("--lora", default="fused", choices=("fused", "peft", "peft-fastdropout"),
+                    help="phitune's fused CPU LoRA layer, PEFT's, or PEFT's with phitune's dropout masks")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of each decoder block")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
@@ -47,8 +48,13 @@ def main():
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    if not args.torch_dropout:
-        use_fast_dropout(peft_model)
+    if args.lora == "fused":
+        use_fused_lora(peft_model)
+    elif args.lora == "peft-fastdropout":
+        for module in peft_model.modules():
+            if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+                for name, drop in list(module.lora_dropout.items()):
+                    module.lora_dropout[name] = FastDropout(drop.p)
     loss_model = AnswerLoss(peft_model)
     if args.compile:
         for layer in loss_model.decoder.layers:

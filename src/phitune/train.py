@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from phitune import adapters, checkpoints, data, models
 from phitune.config import RunConfig, add_arguments, build_config
-from phitune.dropout import use_fast_dropout
+from phitune.cpu_lora import use_fused_lora
 from phitune.errors import ConfigError, PhituneError
 from phitune.loss import AnswerLoss, summed_loss
 from phitune.report import MetricsLog, ppl, summary
@@ -119,7 +119,9 @@ def train(cfg):
         model.set_attn_implementation("eager")
     model, targets = adapters.attach_lora(model, cfg.lora, seed=t.seed)
     if device.type == "cpu":
-        use_fast_dropout(model)  # per-element Bernoulli draws were ~30% of a CPU step
+        # PEFT's generic LoRA path spent more time in casts, dropout draws and scaling than in matmuls
+        # here (docs/benchmarks.md); bf16 runs get one fused layer, fp32 runs the cheaper dropout.
+        use_fused_lora(model, fuse=autocast_dtype == torch.bfloat16 and quantization is None)
     lines, n_trainable = adapters.trainable_summary(model, targets)
     log(accelerator, f"model: {cfg.model.model} ({models.describe(model.get_base_model())}) on {device}, "
                      f"weights {str(weights_dtype)[6:]}, compute {str(autocast_dtype or weights_dtype)[6:]}", *lines)

@@ -1,0 +1,169 @@
+"""LoRA layers for training on CPU: one bf16 pass per layer instead of PEFT's generic path.
+
+Under bf16 autocast PEFT's LoRA linear casts its fp32 input twice (base and adapter), draws the dropout
+mask element by element, scales the dropped input in fp32, scales the adapter output, adds it to the
+base output, and undoes every cast in backward. On the demo model that elementwise work around the
+matmuls cost more than the matmuls themselves (torch.profiler, docs/benchmarks.md). `use_fused_lora`
+replaces it, for single-adapter nn.Linear layers, with one autograd function that
+
+- casts the input to bf16 once for all the layers that read it (q, k, v; gate, up), and keeps the
+  frozen base weight in bf16 (autocast casts it to bf16 for every matmul anyway, so the result is
+  the same and the weight takes half the memory);
+- draws the dropout mask from 64-bit random words (four 16-bit uniforms per word: a quarter of the
+  RNG calls of per-element draws, keep probability exact to 1/32768) and applies it bitwise;
+- folds the dropout's 1/(1-p) into the LoRA scaling, applied on the rank-r side by `addmm`;
+- computes in backward only what is needed: no gradient for the frozen weight, none for the input
+  when it does not require one (the first layer's).
+
+Numerics match PEFT under autocast up to bf16 rounding (tests/test_cpu_lora.py).
+"""
+import types
+import weakref
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+BF16 = torch.bfloat16
+
+
+def keep_bits(shape, p, device=None):
+    """int16 mask, all ones where an element is kept and 0 where it is dropped (probability p to 1/32768).
+
+    `x.view(int16) & mask` applies it to a bf16 tensor: bitwise, ~6x faster than a boolean masked_fill."""
+    n = 1
+    for s in shape:
+        n *= s
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    half = bits.view(torch.int16)[:n] >> 1  # uniform on [-16384, 16384), cannot overflow below
+    half.sub_(round(p * 32768) - 16384).bitwise_right_shift_(15)  # -1 where dropped, 0 where kept
+    return half.bitwise_not_().view(shape)
+
+
+def drop_mask(shape, p, device=None):
+    """Boolean mask, True where an element is dropped; the same draw as keep_bits."""
+    return keep_bits(shape, p, device) == 0
+
+
+def _masked(t, keep):
+    return (t.view(torch.int16) & keep).view(t.dtype)
+
+
+class FastDropout(nn.Module):
+    """nn.Dropout with keep_bits' cheaper draws, for LoRA layers the fused path does not cover."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return (x * (1.0 / (1.0 - self.p))).masked_fill(drop_mask(x.shape, self.p, x.device), 0)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T + b + (scale / (1-p)) * (drop(x) A^T) B^T in bf16, with W and b frozen and bf16."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, p):
+        shape = x.shape
+        xb = x.reshape(-1, shape[-1]).to(BF16)
+        a, b = lora_a.to(BF16), lora_b.to(BF16)
+        y = F.linear(xb, weight, bias)
+        keep = keep_bits(xb.shape, p, xb.device) if p > 0 else None
+        u = (_masked(xb, keep) if keep is not None else xb) @ a.t()
+        alpha = scale / (1.0 - p)
+        y.addmm_(u, b.t(), alpha=alpha)
+        # The undropped input and the mask are saved, not the dropped input: q, k and v share one input.
+        ctx.save_for_backward(xb, keep, u, weight, a, b)
+        ctx.alpha, ctx.x_dtype, ctx.x_shape = alpha, x.dtype, shape
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        xb, keep, u, weight, a, b = ctx.saved_tensors
+        g = gy.reshape(-1, gy.shape[-1]).to(BF16)
+        gu = (g @ b).mul_(ctx.alpha)
+        xd = _masked(xb, keep) if keep is not None else xb
+        grad_a = (gu.t() @ xd).to(ctx.param_dtypes[0])
+        grad_b = (g.t() @ u).mul_(ctx.alpha).to(ctx.param_dtypes[1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gxd = gu @ a
+            if keep is not None:
+                gxd.view(torch.int16).bitwise_and_(keep)
+            grad_x = gxd.addmm_(g, weight).to(ctx.x_dtype).view(ctx.x_shape)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+class _SharedCast:
+    """The bf16 copy of the last layer input: q, k and v (and gate and up) read the same tensor, so one
+    cast (and one cast of its gradient in backward) serves them all."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def __call__(self, x):
+        if x.dtype == BF16:
+            return x
+        key = (weakref.ref(x), x._version, torch.is_grad_enabled())
+        if self.key is not None and self.key[0]() is x and self.key[1:] == key[1:]:
+            return self.value
+        self.key, self.value = key, x.to(BF16)
+        return self.value
+
+
+_shared_cast = _SharedCast()
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    active = self.active_adapters
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+            or active[0] not in self._phitune_fused or x.device.type != "cpu"):
+        # Anything unusual takes PEFT's own path; the base weight is bf16 now, so compute in bf16.
+        with torch.autocast("cpu", dtype=BF16):
+            return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    drop = self.lora_dropout[name]
+    p = float(getattr(drop, "p", 0.0)) if self.training else 0.0
+    base = self.base_layer
+    return _LoraLinear.apply(_shared_cast(x), base.weight, base.bias, self.lora_A[name].weight,
+                             self.lora_B[name].weight, float(self.scaling[name]), p)
+
+
+def _fusable(module, name):
+    base = getattr(module, "base_layer", None)
+    return (type(base) is nn.Linear and name in module.lora_A and name not in getattr(module, "lora_variant", {})
+            and not getattr(module, "fan_in_fan_out", False) and not getattr(module, "lora_bias", {}).get(name)
+            and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+            and isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)))
+
+
+def use_fused_lora(peft_model, fuse=True):
+    """Route single-adapter LoRA linears through _LoraLinear (for CPU training under bf16 autocast).
+
+    Other LoRA layers (and all of them when fuse is False) get FastDropout. Returns the number of
+    fused layers."""
+    fused = 0
+    for module in peft_model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, nn.ModuleDict):
+            continue
+        names = {n for n in drops if fuse and _fusable(module, n)}
+        if names:
+            base = module.base_layer
+            base.weight.data = base.weight.data.to(BF16)
+            if base.bias is not None:
+                base.bias.data = base.bias.data.to(BF16)
+            module._phitune_fused = names
+            module.forward = types.MethodType(_fused_forward, module)
+            fused += 1
+        for n, drop in list(drops.items()):
+            if n not in names and isinstance(drop, nn.Dropout) and drop.p > 0:
+                drops[n] = FastDropout(drop.p)
+    return fused
