@@ -85,7 +85,14 @@ def test_layer_gradients_match_autograd():
         assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
 
 
-def test_drop_mask_rate():
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9])
+def test_drop_masks_are_bernoulli(p):
+    """Both draws (sparse below p ~0.39, bitwise above): the rate, and no structure across rows or columns."""
     torch.manual_seed(0)
-    assert drop_mask((1000, 1000), 0.05).float().mean().item() == pytest.approx(0.05, abs=1e-3)
+    drop = drop_mask((1000, 1000), p).double()
+    assert drop.mean().item() == pytest.approx(p, abs=2e-3)
+    assert drop.mean(0).std().item() == pytest.approx((p * (1 - p) / 1000) ** 0.5, rel=0.1)
+    assert drop.mean(1).std().item() == pytest.approx((p * (1 - p) / 1000) ** 0.5, rel=0.1)
+    flat = drop.flatten() - p
+    assert abs((flat[1:] * flat[:-1]).mean().item()) < 5 * p * (1 - p) / 1000  # neighbours independent
     assert not drop_mask((10, 10), 0.0).any()

@@ -9,14 +9,15 @@ replaces it, for single-adapter nn.Linear layers, with one autograd function tha
 - casts the input to bf16 once for all the layers that read it (q, k, v; gate, up), and keeps the
   frozen base weight in bf16 (autocast casts it to bf16 for every matmul anyway, so the result is
   the same and the weight takes half the memory);
-- draws the dropout mask from 64-bit random words (four 16-bit uniforms per word: a quarter of the
-  RNG calls of per-element draws, keep probability exact to 1/32768) and applies it bitwise;
+- draws the dropout mask sparsely (only the ~p*n dropped positions are drawn) and applies it bitwise
+  to the bf16 input;
 - folds the dropout's 1/(1-p) into the LoRA scaling, applied on the rank-r side by `addmm`;
 - computes in backward only what is needed: no gradient for the frozen weight, none for the input
   when it does not require one (the first layer's).
 
 Numerics match PEFT under autocast up to bf16 rounding (tests/test_cpu_lora.py).
 """
+import math
 import types
 import weakref
 
@@ -28,12 +29,21 @@ BF16 = torch.bfloat16
 
 
 def keep_bits(shape, p, device=None):
-    """int16 mask, all ones where an element is kept and 0 where it is dropped (probability p to 1/32768).
+    """int16 mask, all ones where an element is kept and 0 where it is dropped with probability p.
 
     `x.view(int16) & mask` applies it to a bf16 tensor: bitwise, ~6x faster than a boolean masked_fill."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
+    rate = -math.log1p(-p)
+    if rate <= 0.5:
+        # Sparse draw for the usual small p: Poisson(n * rate) positions, uniform with repetition, are
+        # dropped. Each element is then hit Poisson(rate) times independently of the others, so it is
+        # dropped with probability 1 - exp(-rate) = p exactly: iid Bernoulli(p) from ~p*n random numbers
+        # instead of n (0.6 vs 1.5-2.4 ms for a 1500 x 576 mask here).
+        k = int(torch.poisson(torch.tensor([n * rate], dtype=torch.float64)).item())
+        keep = torch.full((n,), -1, dtype=torch.int16, device=device)
+        keep.index_fill_(0, torch.randint(0, n, (k,), device=device), 0)
+        return keep.view(shape)
+    # Larger p: four 16-bit uniforms per 64-bit random word (p exact to 1/32768).
     bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     half = bits.view(torch.int16)[:n] >> 1  # uniform on [-16384, 16384), cannot overflow below
     half.sub_(round(p * 32768) - 16384).bitwise_right_shift_(15)  # -1 where dropped, 0 where kept

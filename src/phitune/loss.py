@@ -1,7 +1,9 @@
 """Answer-token loss: the LM head and cross-entropy run only where a label is trained.
 
 Computing logits for every position wastes most of the head's FLOPs and memory (the vocabulary is
-32k-51k wide) when only the answer is trained; selecting the positions first avoids both.
+32k-51k wide) when only the answer is trained; selecting the positions first avoids both. With a
+frozen head the loss and its gradient are computed together, chunk by chunk (_HeadLoss), so no
+(tokens x vocab) tensor is kept for backward.
 """
 import torch
 import torch.nn.functional as F
@@ -38,11 +40,60 @@ class AnswerLoss(nn.Module):
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden[:, :-1][keep]  # (N, d): only trained positions reach the head
         wanted = targets[keep]
+        head = self.head
+        if type(head) is nn.Linear and not head.weight.requires_grad and \
+                (head.bias is None or not head.bias.requires_grad):
+            dtype = torch.get_autocast_dtype(hidden.device.type) \
+                if torch.is_autocast_enabled(hidden.device.type) else head.weight.dtype
+            weight, bias = self._cast_head(dtype)
+            grad = torch.is_grad_enabled() and hidden.requires_grad
+            return _HeadLoss.apply(hidden, weight, bias, wanted, grad), keep.sum()
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], CHUNK):
             logits = self.head(hidden[start:start + CHUNK]).float()  # (n, vocab)
             total = total + F.cross_entropy(logits, wanted[start:start + CHUNK], reduction="sum")
         return total, keep.sum()
+
+    def _cast_head(self, dtype):
+        """The frozen head in the compute dtype, cast once rather than at every step."""
+        w, b = self.head.weight, self.head.bias
+        if w.dtype == dtype:
+            return w, b
+        key = (dtype, w.data_ptr(), w._version, w.device)
+        if getattr(self, "_head_key", None) != key:
+            self._head_key = key
+            self._head_cast = (w.detach().to(dtype), None if b is None else b.detach().to(dtype))
+        return self._head_cast
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of hidden @ weight.T + bias against `wanted`, for a frozen head.
+
+    The gradient is computed in the same pass as the loss (softmax minus one-hot, times the weight),
+    chunk by chunk, so backward only scales it: no logits are kept, and none are recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, wanted, with_grad):
+        h = hidden.to(weight.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(h) if with_grad else None
+        for start in range(0, h.shape[0], CHUNK):
+            logits = F.linear(h[start:start + CHUNK], weight, bias).float()  # (n, vocab)
+            target = wanted[start:start + CHUNK, None]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (lse - logits.gather(1, target)).sum()
+            if with_grad:
+                probs = logits.sub_(lse).exp_()
+                probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+                grad[start:start + CHUNK] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None
 
 
 @torch.no_grad()
