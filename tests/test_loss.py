@@ -21,6 +21,7 @@ def _reference(peft_model, ids, labels, autocast):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_answer_loss_matches_cross_entropy(arch, autocast, monkeypatch):
     monkeypatch.setattr(loss, "CHUNK", 7)  # several chunks, the last one short
+    monkeypatch.setattr(loss, "CPU_CHUNK", 7)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(build_config(arch, 300))
     peft_model, _ = adapters.attach_lora(model, LoraArgs(lora_r=4, lora_dropout=0.0), seed=0)

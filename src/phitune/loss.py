@@ -13,6 +13,9 @@ from phitune.data import IGNORE, collate
 
 # Chunk the head+CE over answer positions so the (tokens x vocab) logits never exist all at once.
 CHUNK = 2048
+# On CPU the fused head+CE (_HeadLoss) runs 1.6x faster on chunks whose logits stay in cache
+# (128 rows x 49k vocab: 266 vs 441 ms for 554 answer tokens of the demo model).
+CPU_CHUNK = 128
 
 
 class AnswerLoss(nn.Module):
@@ -77,15 +80,16 @@ class _HeadLoss(torch.autograd.Function):
         h = hidden.to(weight.dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(h) if with_grad else None
-        for start in range(0, h.shape[0], CHUNK):
-            logits = F.linear(h[start:start + CHUNK], weight, bias).float()  # (n, vocab)
-            target = wanted[start:start + CHUNK, None]
+        chunk = CPU_CHUNK if h.device.type == "cpu" else CHUNK
+        for start in range(0, h.shape[0], chunk):
+            logits = F.linear(h[start:start + chunk], weight, bias).float()  # (n, vocab)
+            target = wanted[start:start + chunk, None]
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             total += (lse - logits.gather(1, target)).sum()
             if with_grad:
                 probs = logits.sub_(lse).exp_()
                 probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
-                grad[start:start + CHUNK] = probs.to(weight.dtype) @ weight
+                grad[start:start + chunk] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         return total
