@@ -1,6 +1,6 @@
 """Profile LoRA training steps on the demo model (the measurements behind docs/benchmarks.md).
 
-    .venv/bin/python bench/profile_step.py [--weights fp32|bf16] [--attention sdpa|eager]
+    .venv/bin/python bench/profile_step.py [--weights fp32|bf16] [--attention phitune|eager|sdpa]
                                            [--lora fused|peft|peft-fastdropout] [--compile] [--profile]
 
 Batches of 16 of the first 512 E2E pairs (length-grouped), LoRA r=16 on all linear layers, dropout 0.05,
@@ -17,6 +17,7 @@ import torch
 
 from phitune import adapters, data, models
 from phitune.config import LoraArgs
+from phitune.cpu_attention import use_cpu_attention
 from phitune.cpu_lora import FastDropout, use_fused_lora
 from phitune.loss import AnswerLoss
 from phitune.templates import Template
@@ -27,7 +28,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--attention", default="eager", choices=("sdpa", "eager"))
+    ap.add_argument("--attention", default="phitune", choices=("sdpa", "eager", "phitune"))
     ap.add_argument("--lora", default="fused", choices=("fused", "peft", "peft-fastdropout"),
                     help="phitune's fused CPU LoRA layer, PEFT's, or PEFT's with phitune's dropout masks")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of each decoder block")
@@ -43,7 +44,10 @@ def main():
     dtype = torch.bfloat16 if args.weights == "bf16" else torch.float32
     model = models.load_model("smollm2-135m-instruct", dtype)
     model.config.use_cache = False
-    model.set_attn_implementation(args.attention)
+    if args.attention == "phitune":
+        use_cpu_attention(model)
+    else:
+        model.set_attn_implementation(args.attention)
     peft_model, _ = adapters.attach_lora(model, LoraArgs(lora_r=16, lora_dropout=0.05), seed=0)
     for p in peft_model.parameters():
         if p.requires_grad:
@@ -73,13 +77,14 @@ def main():
 
     for b in batches[:3]:  # warm-up (and compilation)
         step(b)
-    rates = []
+    rates, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for b in batches[3:9]:
         t = time.perf_counter()
         n = step(b)
         rates.append(n / (time.perf_counter() - t))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 6
     print(f"{vars(args)}: median {sorted(rates)[len(rates) // 2]:.0f} tokens/s, peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB, {faults:.0f} page faults per step")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from phitune import adapters, checkpoints, data, models
 from phitune.config import RunConfig, add_arguments, build_config
+from phitune.cpu_attention import use_cpu_attention
 from phitune.cpu_lora import use_fused_lora
 from phitune.errors import ConfigError, PhituneError
 from phitune.loss import AnswerLoss, summed_loss
@@ -113,15 +114,17 @@ def train(cfg):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
+    cpu_bf16 = device.type == "cpu" and autocast_dtype == torch.bfloat16 and quantization is None
     if device.type == "cpu" and max(len(e["input_ids"]) for e in train_set) <= EAGER_ATTENTION_MAX_LEN:
         # For short sequences PyTorch's CPU SDPA kernels (mostly their backward) are slower than plain
-        # matmul + softmax: ~30% per step on the demo model, interleaved runs in docs/benchmarks.md.
-        model.set_attn_implementation("eager")
+        # matmul + softmax: ~30% per step on the demo model, interleaved runs in docs/benchmarks.md;
+        # under bf16 autocast phitune's own version of it saves another fifth of the step.
+        _plain_attention(model, cpu_bf16)
     model, targets = adapters.attach_lora(model, cfg.lora, seed=t.seed)
     if device.type == "cpu":
         # PEFT's generic LoRA path spent more time in casts, dropout draws and scaling than in matmuls
         # here (docs/benchmarks.md); bf16 runs get one fused layer, fp32 runs the cheaper dropout.
-        use_fused_lora(model, fuse=autocast_dtype == torch.bfloat16 and quantization is None)
+        use_fused_lora(model, fuse=cpu_bf16)
     lines, n_trainable = adapters.trainable_summary(model, targets)
     log(accelerator, f"model: {cfg.model.model} ({models.describe(model.get_base_model())}) on {device}, "
                      f"weights {str(weights_dtype)[6:]}, compute {str(autocast_dtype or weights_dtype)[6:]}", *lines)
@@ -380,6 +383,15 @@ def _check_output_dir(out, resume):
         probe.unlink()
     except OSError as e:
         raise PhituneError(f"output_dir: cannot write to {out} ({e.strerror})") from None
+
+
+def _plain_attention(model, cpu_bf16):
+    if cpu_bf16:
+        try:
+            return use_cpu_attention(model)
+        except (ValueError, KeyError):  # a model (remote code) that accepts only its own implementations
+            pass
+    model.set_attn_implementation("eager")
 
 
 def _enable_checkpointing(model):
