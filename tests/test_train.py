@@ -18,11 +18,16 @@ def lora_tensors(path):
     return load_file(path / "adapter_model.safetensors")
 
 
-def test_train_writes_adapter_and_every_lora_weight_changes(tiny_models, arch, memorise_file, tmp_path):
+def test_train_writes_adapter_and_every_lora_weight_changes(tiny_models, arch, memorise_file, tmp_path, capsys):
     out = tmp_path / "run"
     code = run_cli("train", "--model", tiny_models[arch], "--dataset_path", memorise_file, "--output_dir", out,
                    "--epochs", 3, *FAST, "--lora_dropout", 0.1)
     assert code == 0
+    from phitune.models import cpu_has_fast_bf16
+    if cpu_has_fast_bf16():  # bf16 compute on this CPU: every LoRA layer takes the fused path
+        import re
+        found = re.search(r"(\d+) of (\d+) LoRA layers on phitune's fused CPU path", capsys.readouterr().err)
+        assert found and found[1] == found[2] and int(found[1]) >= 8
     final = out / "final_adapter"
     for name in ("adapter_model.safetensors", "adapter_config.json", "phitune.json", "tokenizer_config.json"):
         assert (final / name).is_file(), name

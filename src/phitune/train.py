@@ -121,13 +121,14 @@ def train(cfg):
         # under bf16 autocast phitune's own version of it saves another fifth of the step.
         _plain_attention(model, cpu_bf16)
     model, targets = adapters.attach_lora(model, cfg.lora, seed=t.seed)
-    if device.type == "cpu":
-        # PEFT's generic LoRA path spent more time in casts, dropout draws and scaling than in matmuls
-        # here (docs/benchmarks.md); bf16 runs get one fused layer, fp32 runs the cheaper dropout.
-        use_fused_lora(model, fuse=cpu_bf16)
+    # PEFT's generic LoRA path spent more time in casts, dropout draws and scaling than in matmuls on
+    # CPU (docs/benchmarks.md); bf16 runs get one fused layer, fp32 runs the cheaper dropout.
+    fused = use_fused_lora(model, fuse=cpu_bf16) if device.type == "cpu" else 0
     lines, n_trainable = adapters.trainable_summary(model, targets)
     log(accelerator, f"model: {cfg.model.model} ({models.describe(model.get_base_model())}) on {device}, "
-                     f"weights {str(weights_dtype)[6:]}, compute {str(autocast_dtype or weights_dtype)[6:]}", *lines)
+                     f"weights {str(weights_dtype)[6:]}, compute {str(autocast_dtype or weights_dtype)[6:]}"
+                     + (f", {fused} of {len(targets)} LoRA layers on phitune's fused CPU path" if fused else ""),
+        *lines)
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing gives LoRA weights their gradients without input-grad hooks.
         _enable_checkpointing(model.get_base_model())
