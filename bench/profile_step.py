@@ -1,11 +1,12 @@
 """Profile LoRA training steps on the demo model (the measurements behind docs/benchmarks.md).
 
     .venv/bin/python bench/profile_step.py [--weights fp32|bf16] [--attention phitune|eager|sdpa]
-                                           [--lora fused|peft|peft-fastdropout] [--compile] [--profile]
+                                           [--lora fused|peft|peft-dropout] [--compile] [--profile]
 
 Batches of 16 of the first 512 E2E pairs (length-grouped), LoRA r=16 on all linear layers, dropout 0.05,
 bf16 autocast. Prints the median tokens/s over 6 steps and the peak RSS; --profile adds a
-torch.profiler table of two more steps.
+torch.profiler table of two more steps. --lora: phitune's fused CPU layer, PEFT's layer with phitune's
+dropout masks, or PEFT's layer as is. bench/ab_step.py builds its two set-ups with the same functions.
 """
 import argparse
 import csv
@@ -18,62 +19,68 @@ import torch
 from phitune import adapters, data, models
 from phitune.config import LoraArgs
 from phitune.cpu_attention import use_cpu_attention
-from phitune.cpu_lora import FastDropout, use_fused_lora
+from phitune.cpu_lora import use_fused_lora
 from phitune.loss import AnswerLoss
 from phitune.templates import Template
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv"
+MODEL = "smollm2-135m-instruct"
+
+
+def e2e_examples(tokenizer, n=512):
+    with open(DATA, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))[:n]
+    records = [{"messages": [{"role": "user", "content": r["mr"]}, {"role": "assistant", "content": r["ref"]}]}
+               for r in rows]
+    return data.encode_records(records, Template(tokenizer), 512)[0]
+
+
+def build(lora="fused", attention="phitune", weights="fp32"):
+    """(loss model, optimizer) for the demo model with the given LoRA layer and attention."""
+    model = models.load_model(MODEL, torch.bfloat16 if weights == "bf16" else torch.float32)
+    model.config.use_cache = False
+    if attention == "phitune":
+        use_cpu_attention(model)
+    else:
+        model.set_attn_implementation(attention)
+    peft_model, _ = adapters.attach_lora(model, LoraArgs(lora_r=16, lora_dropout=0.05), seed=0)
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if lora != "peft-dropout":
+        use_fused_lora(peft_model, fuse=lora == "fused")
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    return AnswerLoss(peft_model), optimizer
+
+
+def train_step(loss_model, optimizer, batch):
+    """One optimizer step under bf16 autocast; returns the tokens it trained on."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, n = loss_model(**batch)
+    (loss / n).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return int(batch["attention_mask"].sum())
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--attention", default="phitune", choices=("sdpa", "eager", "phitune"))
-    ap.add_argument("--lora", default="fused", choices=("fused", "peft", "peft-fastdropout"),
-                    help="phitune's fused CPU LoRA layer, PEFT's, or PEFT's with phitune's dropout masks")
+    ap.add_argument("--lora", default="fused", choices=("fused", "peft", "peft-dropout"))
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of each decoder block")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-    tok = models.load_tokenizer("smollm2-135m-instruct")
-    template = Template(tok)
-    with open(DATA, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))[:512]
-    records = [{"messages": [{"role": "user", "content": r["mr"]}, {"role": "assistant", "content": r["ref"]}]}
-               for r in rows]
-    examples, _ = data.encode_records(records, template, 512)
-    dtype = torch.bfloat16 if args.weights == "bf16" else torch.float32
-    model = models.load_model("smollm2-135m-instruct", dtype)
-    model.config.use_cache = False
-    if args.attention == "phitune":
-        use_cpu_attention(model)
-    else:
-        model.set_attn_implementation(args.attention)
-    peft_model, _ = adapters.attach_lora(model, LoraArgs(lora_r=16, lora_dropout=0.05), seed=0)
-    for p in peft_model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if args.lora == "fused":
-        use_fused_lora(peft_model)
-    elif args.lora == "peft-fastdropout":
-        for module in peft_model.modules():
-            if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
-                for name, drop in list(module.lora_dropout.items()):
-                    module.lora_dropout[name] = FastDropout(drop.p)
-    loss_model = AnswerLoss(peft_model)
+    tok = models.load_tokenizer(MODEL)
+    examples = e2e_examples(tok)
+    loss_model, opt = build(args.lora, args.attention, args.weights)
     if args.compile:
         for layer in loss_model.decoder.layers:
             layer.compile(dynamic=True)
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     batches = data.length_grouped_batches([len(e["input_ids"]) for e in examples], 16, 0, 0)
 
     def step(b):
-        batch = data.collate([examples[i] for i in b], tok.pad_token_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, n = loss_model(**batch)
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad()
-        return int(batch["attention_mask"].sum())
+        return train_step(loss_model, opt, data.collate([examples[i] for i in b], tok.pad_token_id))
 
     for b in batches[:3]:  # warm-up (and compilation)
         step(b)

@@ -91,7 +91,9 @@ class _HeadLoss(torch.autograd.Function):
                 torch.mm(rows, weight.t(), out=low)
             else:
                 torch.addmm(bias, rows, weight.t(), out=low)
-            logits = fp32.copy_(low) if low is not fp32 else fp32  # (n, vocab)
+            if low is not fp32:
+                fp32.copy_(low)
+            logits = fp32  # (n, vocab)
             target = wanted[start:start + chunk, None]
             picked = logits.gather(1, target)
             top = logits.amax(dim=-1, keepdim=True)
@@ -101,7 +103,9 @@ class _HeadLoss(torch.autograd.Function):
             if with_grad:
                 probs = exps.div_(norm)
                 probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
-                torch.mm(low.copy_(probs) if low is not fp32 else probs, weight, out=grad[start:start + chunk])
+                if low is not fp32:
+                    low.copy_(probs)
+                torch.mm(low, weight, out=grad[start:start + chunk])
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         return total
