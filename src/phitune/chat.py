@@ -31,7 +31,8 @@ def add_parser(p):
 def main(args):
     sampling = sampling_from(args)
     paths = [args.adapter_path] if args.adapter_path else []
-    loaded = gen.load(paths, args.model, args.system_prompt, args.trust_remote_code, args.precision)
+    # One adapter for the whole session: folded into the weights once, so a token costs what the base costs.
+    loaded = gen.load(paths, args.model, args.system_prompt, args.trust_remote_code, args.precision, merge=True)
     adapter = loaded.first_adapter
     if args.prompt is not None:
         print(answer(loaded, [{"role": "user", "content": args.prompt}], sampling, adapter, echo=False))
@@ -77,7 +78,8 @@ class Session:
             import readline  # noqa: F401  (gives input() line editing and history)
         except ImportError:
             pass
-        who = f"{self.adapter} on {self.loaded.base_name}" if self.adapter else self.loaded.base_name
+        name = next(iter(self.loaded.metas), None)
+        who = f"{name} on {self.loaded.base_name}" if name else self.loaded.base_name
         print(f"phitune chat: {who}. /help for commands, Ctrl-D to leave.")
         while True:
             try:

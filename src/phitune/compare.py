@@ -86,18 +86,16 @@ def main(args):
 
 
 def run_batch(loaded, questions, columns, sampling, batch_size=16):
-    """Answer all questions with every column; questions with the same settings share batches."""
+    """Answer all questions with every column; base and adapter rows share the same batches."""
     rows = [{"prompt": q["prompt"], "expected": q.get("expected"), "answers": {}} for q in questions]
-    groups = {}
+    jobs, where = [], []
     for i, q in enumerate(questions):
         s = replace(sampling, **{k: q[k] for k in SAMPLING_KEYS if k in q})
-        groups.setdefault(tuple(asdict(s).items()), (s, []))[1].append(i)
-    for s, idx in groups.values():
-        convs = [[{"role": "user", "content": questions[i]["prompt"]}] for i in idx]
         for col in columns:
-            answers = gen.generate(loaded, convs, s, adapter=col, batch_size=batch_size)
-            for i, a in zip(idx, answers):
-                rows[i]["answers"][_label(col)] = a
+            jobs.append(([{"role": "user", "content": q["prompt"]}], col, s))
+            where.append((i, _label(col)))
+    for (i, label), answer in zip(where, gen.generate_jobs(loaded, jobs, batch_size=batch_size)):
+        rows[i]["answers"][label] = answer
     return rows
 
 

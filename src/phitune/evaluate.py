@@ -41,15 +41,18 @@ def main(args):
     for col in columns:
         label = "base" if col is None else col
         print(f"scoring {label} ...", file=sys.stderr)
-        scores = loss_scores(loaded, records, col, args.max_length, args.batch_size)
-        if not args.no_generate and fmt != "text":
-            answers = gen.generate(loaded, [q["messages"] for q in questions],
-                                   gen.Sampling(max_new_tokens=args.max_new_tokens), adapter=col,
-                                   batch_size=args.batch_size)
-            scores.update(reference_scores([a.text for a in answers], [q["references"] for q in questions]))
+        results[label] = loss_scores(loaded, records, col, args.max_length, args.batch_size)
+    if not args.no_generate and fmt != "text":
+        # every model answers every question, all in the same batches
+        sampling = gen.Sampling(max_new_tokens=args.max_new_tokens)
+        jobs = [(q["messages"], col, sampling) for col in columns for q in questions]
+        answers = gen.generate_jobs(loaded, jobs, batch_size=args.batch_size)
+        for k, col in enumerate(columns):
+            mine = answers[k * len(questions):(k + 1) * len(questions)]
+            scores = results["base" if col is None else col]
+            scores.update(reference_scores([a.text for a in mine], [q["references"] for q in questions]))
             scores["samples"] = [{"prompt": q["messages"][-1]["content"], "answer": a.text,
-                                  "reference": q["references"][0]} for q, a in list(zip(questions, answers))[:5]]
-        results[label] = scores
+                                  "reference": q["references"][0]} for q, a in list(zip(questions, mine))[:5]]
     print_table(results)
     if args.output:
         Path(args.output).write_text(json.dumps({"data": str(args.data), "base_model": loaded.base_name,
@@ -75,7 +78,7 @@ def group_questions(records):
 
 
 def loss_scores(loaded, records, adapter, max_length, batch_size):
-    examples, _ = data.encode_records(records, loaded.template, max_length)
+    examples, _ = data.encode_records(records, loaded.template_for(adapter), max_length)
     if not examples:
         raise PhituneError("no example has an answer token within --max_length")
     loss_model = AnswerLoss(loaded.model).eval()

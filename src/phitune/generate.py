@@ -1,38 +1,23 @@
-"""Generation shared by chat, compare, eval and serve: load base + adapters, batched and streaming decode.
+"""Generation shared by chat, compare, eval and serve: load base + adapters, then decode with the engine.
 
-Prompts are rendered by the adapter's recorded template, so a tuned model is asked in exactly the
-format it was trained on, and decoding stops at the recorded end-of-turn/EOS tokens.
+Each model (the base and every adapter) is prompted with its own template: an adapter with the format,
+system prompt, chat template and stop tokens recorded when it was trained; the base with its tokenizer's
+own chat template (or Phi-2's format). Decoding stops at that model's end-of-turn/EOS tokens.
 """
+from __future__ import annotations
+
 import threading
-from contextlib import nullcontext
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
 from phitune import adapters, models
-from phitune.errors import PhituneError
+from phitune.engine import Engine, Request, Sampling
 from phitune.templates import Template
 
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int = None
-
-    def generate_kwargs(self):
-        if self.temperature and self.temperature > 0:
-            kw = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
-        else:
-            kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if self.repetition_penalty != 1.0:
-            kw["repetition_penalty"] = self.repetition_penalty
-        return dict(max_new_tokens=self.max_new_tokens, **kw)
+__all__ = ["Sampling", "Answer", "Loaded", "load", "generate", "generate_jobs", "stream", "stream_ids"]
 
 
 @dataclass
@@ -40,38 +25,72 @@ class Answer:
     text: str
     tokens: int
     seconds: float
-    stopped: bool  # ended on a stop token/string rather than the token limit
+    stopped: bool  # ended on a stop token or stop string, not on the token limit
+    finish_reason: str = "stop"  # stop | length | cancelled
+    first_token_s: Optional[float] = None
 
 
 @dataclass
 class Loaded:
-    """A base model in memory with zero or more adapters attached by name."""
+    """A base model in memory with zero or more adapters attached by name, and each one's template."""
     model: torch.nn.Module
     tokenizer: object
-    template: Template
+    templates: dict  # None (the base) or adapter name -> Template
     adapters: dict  # name -> adapter dir
     metas: dict  # name -> phitune.json contents
     device: torch.device
     autocast_dtype: object
     base_name: str
+    _engine: Optional[Engine] = None
 
     @property
-    def first_adapter(self):
+    def first_adapter(self) -> Optional[str]:
         """Name of the first adapter given, or None (the base) when there is none."""
         return next(iter(self.adapters), None)
 
-    def use(self, name):
-        """Context for generating with adapter `name`, or with the plain base for name None."""
+    @property
+    def template(self) -> Template:
+        """The template of the first adapter (the base's when there is none)."""
+        return self.template_for(self.first_adapter)
+
+    def template_for(self, name: Optional[str]) -> Template:
+        """Template of adapter `name`; None or "base" for the base model."""
+        return self.templates[None if name in (None, "base") else name]
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self)
+        return self._engine
+
+    def use(self, name: Optional[str]):
+        """Context for running the model as adapter `name`, or as the plain base for None."""
+        self.engine.release()
         if name is None:
-            return self.model.disable_adapter() if self.adapters else nullcontext()
+            return self.model.disable_adapter() if self.adapters else _nothing()
         self.model.set_adapter(name)
-        return nullcontext()
+        return _nothing()
+
+    def request(self, prompt_ids, adapter=None, sampling=None, **extra) -> Request:
+        """An engine Request with this model's stop tokens and stop strings."""
+        template = self.template_for(adapter)
+        return Request(list(prompt_ids), adapter=None if adapter in (None, "base") else adapter,
+                       sampling=sampling or Sampling(), stop_ids=template.stop_token_ids(),
+                       stop_strings=_stop_strings(template) + list(extra.pop("stop_strings", None) or []), **extra)
 
 
-def load(adapter_paths=(), model=None, system_prompt=None, trust_remote_code=False, precision="auto"):
-    """Load one base model and attach each adapter under its own name (a, b, ...: its directory name).
+def _nothing():
+    from contextlib import nullcontext
+    return nullcontext()
 
-    The base model comes from --model, else from the first adapter's record.
+
+def load(adapter_paths=(), model=None, system_prompt=None, trust_remote_code=False, precision="auto",
+         merge=False) -> Loaded:
+    """Load one base model and attach each adapter under its own name (its directory's, or NAME=path).
+
+    The base model comes from --model, else from the first adapter's record. `merge=True` (one adapter,
+    used alone for the whole session, as in chat) folds it into the weights once, so each token costs
+    what the base model costs.
     """
     metas = {}
     names = {}
@@ -87,19 +106,25 @@ def load(adapter_paths=(), model=None, system_prompt=None, trust_remote_code=Fal
         base_name = "microsoft/phi-2"
     device = models.pick_device()
     config = models.load_config(base_name, trust_remote_code)
-    weights_dtype, autocast_dtype = models.precision_plan(device, precision, config.model_type)
+    dtype = models.inference_dtype(device, precision, config.model_type)
     tokenizer = models.load_tokenizer(base_name, trust_remote_code)
-    first_meta = next(iter(metas.values()), {})
-    if first_meta.get("template"):
-        template = Template.from_meta(tokenizer, first_meta["template"], system_prompt)
-    else:
-        template = Template(tokenizer, "auto", system_prompt)
-    base = models.load_model(base_name, weights_dtype, trust_remote_code).to(device).eval()
-    net = base
+    templates = {None: Template(tokenizer, "auto", system_prompt)}
+    for name, meta in metas.items():
+        templates[name] = (Template.from_meta(tokenizer, meta["template"], system_prompt) if meta.get("template")
+                           else Template(tokenizer, "auto", system_prompt))
+    # Adapters are attached (and merged) in fp32, then everything is cast once to the inference dtype.
+    net = models.load_model(base_name, torch.float32, trust_remote_code)
     for name, path in names.items():
         net = adapters.load_adapter(net, path, metas[name], adapter_name=name)
-    net.eval()
-    return Loaded(net, tokenizer, template, names, metas, device, autocast_dtype, base_name)
+    if merge and len(names) == 1:
+        net = net.merge_and_unload()
+        names = {}
+    net = net.to(device=device, dtype=dtype).eval()
+    loaded = Loaded(net, tokenizer, templates, names, metas, device, None, base_name)
+    if merge and metas:
+        only = next(iter(metas))
+        loaded.templates = {None: templates[only], only: templates[only]}  # the merged model answers as the adapter
+    return loaded
 
 
 def _named(item):
@@ -125,113 +150,56 @@ def _peft_base(path):
     return cfg.get("base_model_name_or_path")
 
 
-def _stop_strings(template):
+def _stop_strings(template) -> list:
     # Phi-2 style prompts invite the model to write the next "Instruct:" itself; cut there.
-    return ["\nInstruct:"] if template.kind == "phi2" else None
+    return ["\nInstruct:"] if template.kind == "phi2" else []
 
 
-def _clean(text, template):
-    for stop in _stop_strings(template) or []:
-        text = text.split(stop, 1)[0]
-    return text.strip()
+def _answer(r: Request) -> Answer:
+    return Answer(r.text.strip(), len(r.tokens), r.seconds, r.finish_reason == "stop", r.finish_reason,
+                  r.first_token_s)
 
 
-def generate(loaded, conversations, sampling=Sampling(), adapter=None, batch_size=16):
-    """Answer each conversation (a list of messages ending with a user turn). Left-padded batches."""
-    encoded = [loaded.template.encode_prompt(conv) for conv in conversations]
-    return generate_ids(loaded, encoded, sampling, adapter, batch_size)
+def generate(loaded, conversations, sampling=Sampling(), adapter=None, batch_size=16) -> list:
+    """Answer each conversation (a list of messages ending with a user turn) with one model."""
+    return generate_jobs(loaded, [(conv, adapter, sampling) for conv in conversations], batch_size)
 
 
-@torch.no_grad()
-def generate_ids(loaded, encoded, sampling=Sampling(), adapter=None, batch_size=16):
-    """Continue each prompt (a list of token ids), in left-padded batches of similar length."""
-    tok, template = loaded.tokenizer, loaded.template
-    results = [None] * len(encoded)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    stop_ids = template.stop_token_ids()
-    if sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
-    with loaded.use(adapter), models.autocast(loaded.device, loaded.autocast_dtype):
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
-            began = time.perf_counter()
-            out = loaded.model.generate(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
-                                        eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
-                                        stop_strings=_stop_strings(template), tokenizer=tok,
-                                        **sampling.generate_kwargs())
-            seconds = time.perf_counter() - began
-            for row, i in enumerate(idx):
-                new = out[row, width:].tolist()
-                n, stopped = len(new), False
-                for pos, t in enumerate(new):
-                    if t in stop_ids:
-                        n, stopped = pos + 1, True
-                        break
-                text = tok.decode(new[:n], skip_special_tokens=True)
-                stopped = stopped or text != _clean(text, template) or n < sampling.max_new_tokens
-                results[i] = Answer(_clean(text, template), n, seconds / len(idx), stopped)
-    return results
+def generate_jobs(loaded, jobs, batch_size=16) -> list:
+    """Answer (conversation, adapter, sampling) jobs; rows of different models share the same batches."""
+    requests = [loaded.request(loaded.template_for(adapter).encode_prompt(conv), adapter, sampling)
+                for conv, adapter, sampling in jobs]
+    return [_answer(r) for r in _run(loaded, requests, batch_size)]
 
 
-def stream(loaded, conversation, sampling=Sampling(), adapter=None, cancel=None):
+def generate_ids(loaded, encoded, sampling=Sampling(), adapter=None, batch_size=16) -> list:
+    """Continue each prompt given as token ids."""
+    return [_answer(r) for r in _run(loaded, [loaded.request(ids, adapter, sampling) for ids in encoded], batch_size)]
+
+
+def _run(loaded, requests, batch_size):
+    return loaded.engine.run(requests, batch_size)
+
+
+def stream(loaded, conversation, sampling=Sampling(), adapter=None, cancel=None) -> Iterator[str]:
     """Yield text pieces of one answer as they are generated; `cancel` (threading.Event) stops it."""
-    return stream_ids(loaded, loaded.template.encode_prompt(conversation), sampling, adapter, cancel)
+    return stream_ids(loaded, loaded.template_for(adapter).encode_prompt(conversation), sampling, adapter, cancel)
 
 
-def stream_ids(loaded, prompt_ids, sampling=Sampling(), adapter=None, cancel=None):
-    """Like stream(), for a prompt given as token ids."""
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-    tok, template = loaded.tokenizer, loaded.template
-    ids = torch.tensor([list(prompt_ids)], device=loaded.device)
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    cancel = cancel or threading.Event()
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return cancel.is_set()
-
-    if sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
-    errors = []
-
-    def work():
-        try:
-            with torch.no_grad(), loaded.use(adapter), models.autocast(loaded.device, loaded.autocast_dtype):
-                loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                      eos_token_id=template.stop_token_ids(), pad_token_id=tok.pad_token_id,
-                                      stop_strings=_stop_strings(template), tokenizer=tok,
-                                      stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                                      **sampling.generate_kwargs())
-        except Exception as e:  # surfaced in the caller's thread
-            errors.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    pending = ""
-    stops = _stop_strings(template) or []
-    keep = max((len(s) - 1 for s in stops), default=0)  # a tail that may still become a stop string
+def stream_ids(loaded, prompt_ids, sampling=Sampling(), adapter=None, cancel=None) -> Iterator[str]:
+    """Like stream(), for a prompt given as token ids. Runs in the caller's thread: Ctrl-C stops it."""
+    pieces = []
+    req = loaded.request(prompt_ids, adapter, sampling, cancel=cancel or threading.Event(), on_text=pieces.append)
+    engine = loaded.engine
     try:
-        for piece in streamer:
-            pending += piece
-            hit = next((s for s in stops if s in pending), None)
-            if hit:
-                yield pending.split(hit, 1)[0]
-                pending = ""
+        engine.add([req])
+        while True:
+            yield from pieces
+            pieces.clear()
+            if req.done:
                 break
-            if len(pending) > keep:
-                yield pending[:len(pending) - keep]
-                pending = pending[len(pending) - keep:]
-        if pending:
-            yield pending
-    finally:  # also runs when the caller stops early (Ctrl-C): end the generation thread cleanly
-        cancel.set()
-        thread.join()
-    if errors:
-        raise PhituneError(f"generation failed: {errors[0]}")
+            engine.step()
+    finally:  # also when the caller stops early (Ctrl-C, a closed generator): the row leaves the batch
+        if not req.done:
+            req.cancel.set()
+            engine.retire()

@@ -252,6 +252,13 @@ def precision_plan(device, precision="auto", model_type=None):
     return torch.float32, None
 
 
+def inference_dtype(device, precision="auto", model_type=None):
+    """Weights dtype for generation, used directly (no autocast): decoding reads every weight for each
+    token, so weights stored in the compute dtype halve that traffic where bf16 is native."""
+    weights, compute = precision_plan(device, precision, model_type)
+    return compute or weights
+
+
 def autocast(device, dtype):
     """torch.autocast for the compute dtype of precision_plan(), or a no-op when computing in the weights' dtype."""
     if dtype is None:

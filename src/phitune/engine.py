@@ -1,0 +1,321 @@
+"""The decoding engine behind chat, compare, eval and serve.
+
+One batch of rows decodes together, one token per row per step. Each row carries its own prompt,
+adapter (or the base), sampling settings, stop tokens, stop strings and token limit. Rows join the
+batch between steps (their prompts are prefilled, then their KV cache is left-padded into the batch's)
+and leave it as soon as they finish, so a server can batch requests that arrive at different times.
+
+Adapters: a batch whose rows all use one adapter runs with that adapter merged into the weights
+(fp32 weights only: in bf16 the merge/unmerge round trip would drift), so a token costs what the base
+costs; a batch mixing adapters and the base runs PEFT's mixed-adapter forward (`adapter_names`).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return not (self.temperature and self.temperature > 0)
+
+
+class TextStream:
+    """Token ids in, text out: holds back a tail that may still become a stop string, and cuts at one.
+
+    The one stop-string implementation used by chat, compare, eval and serve."""
+
+    def __init__(self, tokenizer, stop_strings=()):
+        self.tok = tokenizer
+        self.stops = [s for s in stop_strings if s]
+        self.text = ""  # everything decoded so far (before any cut)
+        self.sent = 0  # characters already handed out
+        self.hit = False
+
+    def push(self, ids: list, final: bool = False) -> str:
+        """All generated ids so far -> the new text that is safe to show."""
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:  # a multi-byte character is still incomplete
+            return ""
+        self.text = text
+        cut = min((i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.hit = True
+            return self._emit(cut)
+        keep = 0 if final else self._partial_tail(text)
+        return self._emit(len(text) - keep)
+
+    def _partial_tail(self, text):
+        """Length of the longest end of `text` that is the beginning of a stop string."""
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def _emit(self, upto):
+        piece = self.text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece
+
+    @property
+    def answer(self) -> str:
+        return self.text[:self.sent]
+
+
+@dataclass
+class Request:
+    """One answer to generate. The engine fills tokens, text and finish_reason."""
+    prompt_ids: list
+    adapter: Optional[str] = None  # None = the base model
+    sampling: Sampling = field(default_factory=Sampling)
+    stop_ids: list = field(default_factory=list)
+    stop_strings: list = field(default_factory=list)
+    cancel: Optional[threading.Event] = None
+    on_text: Optional[Callable[[str], None]] = None  # called with each new piece of text
+    on_done: Optional[Callable[["Request"], None]] = None  # called once, when finish_reason is set
+    tokens: list = field(default_factory=list)
+    finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
+    error: Optional[str] = None
+    started: float = 0.0
+    first_token_s: Optional[float] = None
+    seconds: float = 0.0
+    _stream: Optional[TextStream] = None
+    _generator: Optional[torch.Generator] = None
+
+    @property
+    def text(self) -> str:
+        return self._stream.answer if self._stream else ""
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Steps one batch of Requests on a loaded model (see generate.load)."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tok = loaded.tokenizer
+        self.device = loaded.device
+        self.rows: list[Request] = []
+        self.cache = None
+        self.mask = None  # (B, L) 1 where the cache holds a real token
+        self.next_ids = None  # (B,) last sampled token, not yet fed to the model
+        self.merged = None  # adapter whose update is folded into the weights now
+        self.peft = bool(getattr(loaded, "adapters", None))
+        weights = next(self.model.parameters())
+        self.can_merge = self.peft and weights.dtype == torch.float32 and not getattr(self.model, "is_quantized", False)
+
+    # ------------------------------------------------------------------ public
+    def run(self, requests: list, batch_size: int = 16) -> list:
+        """Generate every request (continuous batching: a finished row's place goes to the next request)."""
+        pending = sorted(requests, key=lambda r: len(r.prompt_ids), reverse=True)
+        while pending or self.rows:
+            room = batch_size - len(self.rows)
+            if room > 0 and pending:
+                self.add([pending.pop() for _ in range(min(room, len(pending)))])
+            self.step()
+        return requests
+
+    @torch.no_grad()
+    def add(self, requests: list) -> None:
+        """Prefill new requests (left-padded among themselves) and join them to the running batch."""
+        requests = [r for r in requests if not self._cancelled(r)]
+        if not requests:
+            return
+        from transformers import DynamicCache
+        now = time.perf_counter()
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, r in enumerate(requests):
+            n = len(r.prompt_ids)
+            ids[i, width - n:] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+            r.started = r.started or now
+            r._stream = TextStream(self.tok, r.stop_strings)
+            if not r.sampling.greedy:
+                r._generator = torch.Generator().manual_seed(
+                    r.sampling.seed if r.sampling.seed is not None else torch.seed() % 2**63)
+        cache = DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in requests])
+        self._join(requests, cache, mask)
+        self._accept(requests, logits, offset=len(self.rows) - len(requests))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Feed each row its last token, sample the next one, retire finished rows."""
+        self._retire()
+        if not self.rows:
+            return
+        ones = torch.ones((len(self.rows), 1), dtype=torch.long)
+        positions = self.mask.sum(-1, keepdim=True)  # (B, 1): real tokens so far = the next position
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        logits = self._forward(self.next_ids[:, None], self.mask, positions, self.cache,
+                               [r.adapter for r in self.rows])
+        self._accept(self.rows, logits, offset=0)
+        self._retire()
+
+    # ------------------------------------------------------------------ model calls
+    def _forward(self, ids, mask, positions, cache, adapters):
+        """(B, vocab) logits of the last position; the adapter set-up chosen for this batch's rows."""
+        d = self.device
+        kwargs = dict(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        names = set(adapters)
+        if not self.peft:
+            return self.model(**kwargs).logits[:, -1].float()
+        if names == {None}:
+            self._merge(None)
+            with self.model.disable_adapter():
+                return self.model(**kwargs).logits[:, -1].float()
+        if len(names) == 1 and self.can_merge:
+            self._merge(adapters[0])
+            return self.model(**kwargs).logits[:, -1].float()
+        self._merge(None)
+        return self.model(**kwargs, adapter_names=[BASE if a is None else a for a in adapters]).logits[:, -1].float()
+
+    def _merge(self, name):
+        if self.merged == name:
+            return
+        if self.merged is not None:
+            self.model.unmerge_adapter()
+        if name is not None:
+            self.model.merge_adapter([name])
+        self.merged = name
+
+    def release(self) -> None:
+        """Unfold any merged adapter, leaving the weights as loaded (call before training or saving)."""
+        self._merge(None)
+
+    # ------------------------------------------------------------------ batch bookkeeping
+    def _join(self, requests, cache, mask):
+        new_ids = torch.zeros(len(requests), dtype=torch.long)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.next_ids = list(requests), cache, mask, new_ids
+            return
+        old, new = self.mask.shape[1], mask.shape[1]
+        width = max(old, new)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width - old), _pad_left(theirs.keys, width - new)])
+            mine.values = torch.cat([_pad_left(mine.values, width - old), _pad_left(theirs.values, width - new)])
+        self.mask = torch.cat([_pad_left(self.mask, width - old, dim=1), _pad_left(mask, width - new, dim=1)])
+        self.rows += requests
+        self.next_ids = torch.cat([self.next_ids, new_ids])
+
+    def retire(self) -> None:
+        """Drop finished and cancelled rows from the batch now."""
+        self._retire()
+
+    def _retire(self):
+        keep = [i for i, r in enumerate(self.rows) if not (r.done or self._cancelled(r))]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.next_ids = [], None, None, None
+            return
+        index = torch.tensor(keep)
+        self.mask = self.mask[index]
+        start = int(self.mask.any(0).long().argmax())  # columns that are padding in every row left go
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index.to(layer.keys.device), :, start:]
+            layer.values = layer.values[index.to(layer.values.device), :, start:]
+        self.rows = [self.rows[i] for i in keep]
+        self.next_ids = self.next_ids[index]
+
+    def _cancelled(self, r):
+        if r.finish_reason is None and r.cancel is not None and r.cancel.is_set():
+            _finish(r, "cancelled")
+        return r.finish_reason == "cancelled"
+
+    def fail(self, error: str, also=()) -> None:
+        """End every row in flight (and `also`) with an error and empty the batch; the model is untouched."""
+        for r in [*self.rows, *also]:
+            if not r.done:
+                r.error = error
+                _finish(r, "error")
+        self.rows, self.cache, self.mask, self.next_ids = [], None, None, None
+
+    def _accept(self, rows, logits, offset):
+        """Choose each row's next token from its logits; record text, stops and limits."""
+        chosen = logits.argmax(-1).cpu()
+        now = time.perf_counter()
+        for i, r in enumerate(rows):
+            s = r.sampling
+            if s.repetition_penalty != 1.0 or not s.greedy:
+                chosen[i] = _sample(logits[i], r, s)
+            token = int(chosen[i])
+            self.next_ids[offset + i] = token
+            r.tokens.append(token)
+            if r.first_token_s is None:
+                r.first_token_s = now - r.started
+            stop_token = token in r.stop_ids
+            ids = r.tokens[:-1] if stop_token else r.tokens
+            full = stop_token or len(r.tokens) >= s.max_new_tokens
+            piece = r._stream.push(ids, final=full)
+            if piece and r.on_text:
+                r.on_text(piece)
+            if r._stream.hit or stop_token:
+                _finish(r, "stop", now)
+            elif full:
+                _finish(r, "length", now)
+
+
+def _finish(r, reason, now=None):
+    r.finish_reason = reason
+    r.seconds = (now or time.perf_counter()) - r.started if r.started else 0.0
+    if r.on_done:
+        r.on_done(r)
+
+
+def _pad_left(t, n, dim=2):
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _sample(logits, r, s):
+    """One row's token under repetition penalty, temperature, top-k and top-p (as transformers orders them)."""
+    logits = logits.float().clone()
+    if s.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.tokens)), device=logits.device)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
+    if s.greedy:
+        return logits.argmax()
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.numel():
+        kth = torch.topk(logits, s.top_k).values[-1]
+        logits[logits < kth] = float("-inf")
+    if s.top_p < 1.0:
+        order = torch.argsort(logits, descending=True)
+        probs = torch.softmax(logits[order], -1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest set whose mass reaches top_p
+        logits[order[drop]] = float("-inf")
+    probs = torch.softmax(logits, -1).cpu()
+    return torch.multinomial(probs, 1, generator=r._generator)[0]
