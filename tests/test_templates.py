@@ -11,7 +11,7 @@ tokenising a conversation piece by piece gives other ids than tokenising it whol
 import json
 
 import pytest
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
 
 from conftest import write_jsonl
@@ -79,6 +79,9 @@ def build_phi35_tokenizer(path, legacy=False, add_bos_token=False):
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
+    if add_bos_token:  # the tokenizer, not the chat template, writes <s>
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
     specials = [("<unk>", False), ("<s>", False), ("</s>", False)] + PHI35_SPECIALS
     tok.add_special_tokens([AddedToken(t, rstrip=r, lstrip=False, normalized=False, special=True) for t, r in specials])
     path.mkdir(parents=True, exist_ok=True)
@@ -96,7 +99,9 @@ def build_phi35_tokenizer(path, legacy=False, add_bos_token=False):
 @pytest.fixture(params=[(False, False), (True, False), (False, True)], ids=["first", "legacy", "bos"])
 def phi35(request, tmp_path):
     legacy, bos = request.param
-    return build_phi35_tokenizer(tmp_path / "phi35", legacy=legacy, add_bos_token=bos)
+    tok = build_phi35_tokenizer(tmp_path / "phi35", legacy=legacy, add_bos_token=bos)
+    assert (tok("Hi")["input_ids"][0] == tok.bos_token_id) == bos
+    return tok
 
 
 def reference(tok, messages, chat_template=None):

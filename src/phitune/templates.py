@@ -141,6 +141,9 @@ class Template:
         byte-level answer that starts with the newline the template ends with), the new segment's ids are
         its in-context ids with the part the merge took tokenised alone: the prompt stays exact.
         """
+        whole = self._encode_whole(segments)
+        if whole is not None:
+            return whole
         ids, labels, text = [], [], ""
         eos_id = self.tok.eos_token_id
         for piece, trained, append_eos in segments:
@@ -153,6 +156,28 @@ class Template:
                 text += self.eos_token or ""  # later prefixes are tokenised with the EOS written out
             ids += new
             labels += new if trained else [IGNORE] * len(new)
+        return ids, labels
+
+    def _encode_whole(self, segments):
+        """The same ids with one tokenisation of the whole conversation and one per prompt, instead of
+        two per turn (long multi-turn data tokenises ~2x faster); None where that shortcut does not hold."""
+        eot_id = self.tok.convert_tokens_to_ids(self.end_of_turn)
+        if eot_id is None or any(append_eos for _, _, append_eos in segments):
+            return None
+        ids, text, spans = self._tokenize("".join(piece for piece, _, _ in segments)), "", []
+        for piece, trained, _ in segments:
+            if trained:
+                prompt = self._tokenize(text)
+                done = spans[-1][1] if spans else 0
+                if len(prompt) < done or ids[:len(prompt)] != prompt or eot_id not in ids[len(prompt):]:
+                    return None
+                spans.append((len(prompt), ids.index(eot_id, len(prompt)) + 1))
+            text += piece
+        if not spans or spans[-1][1] != len(ids):
+            return None
+        labels = [IGNORE] * len(ids)
+        for a, b in spans:
+            labels[a:b] = ids[a:b]
         return ids, labels
 
     def _continuation(self, text, start):
