@@ -254,6 +254,14 @@ def test_empty_assistant_turn_is_refused_with_file_and_line(tmp_path):
             Template(prepare_tokenizer(build_tokenizer(arch))).encode(bad)
 
 
+def test_chat_history_with_an_empty_answer_still_renders(arch):
+    """The model may answer with nothing; the next chat turn must still build its prompt."""
+    template = Template(prepare_tokenizer(build_tokenizer(arch)))
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
+               {"role": "user", "content": "again"}]
+    assert template.encode_prompt(history)
+
+
 # ------------------------------------------------------------------ 3. a template keeps its chat template
 
 def test_two_templates_on_one_tokenizer_each_render_their_own():
@@ -271,3 +279,4 @@ def test_two_templates_on_one_tokenizer_each_render_their_own():
     again = Template.from_meta(tok, phi35.to_meta())
     assert again.render_prompt(question) == phi35.render_prompt(question) and tok.chat_template == own
     assert chatml.encode_prompt(question) != phi35.encode_prompt(question)
+

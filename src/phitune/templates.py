@@ -122,6 +122,12 @@ class Template:
             ids = tok(record["text"], add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
             return ids, list(ids)
         messages = self._with_system(record["messages"])
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and not m["content"].strip():
+                # read_jsonl names the file and line; this catches records built in code. (Chat history
+                # may hold an empty answer: render_prompt accepts it.)
+                raise PhituneError(f"messages[{i}] is an empty assistant turn: it would train the model to end "
+                                   f"its turn without answering; write the answer or remove the turn")
         segments = self._chat_segments(messages) if self.kind == "chat" else self._phi2_pieces(messages)
         return self._encode_segments(segments)
 
@@ -199,13 +205,12 @@ class Template:
     def _phi2_pieces(self, messages):
         """[(text, trained, append_eos)]: prompts end with 'Output:', answers are ' <answer>' + EOS."""
         out, context = [], ""
-        for i, m in enumerate(messages):
+        for m in messages:
             if m["role"] == "system":
                 context += m["content"].strip() + "\n"
             elif m["role"] == "user":
                 context += ("\n" if out else "") + f"Instruct: {m['content']}\nOutput:"
             else:
-                _check_answer(messages, i)
                 out += [(context, False, False), (" " + m["content"].strip(), True, True)]
                 context = ""
         if context:
@@ -222,7 +227,6 @@ class Template:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            _check_answer(messages, i)
             prompt = self._render_chat(messages[:i], True)
             full = self._render_chat(messages[:i + 1], False)
             if not prompt.startswith(consumed) or not full.startswith(prompt):
@@ -250,10 +254,3 @@ class Template:
             consumed = prompt + answer
         return out
 
-
-def _check_answer(messages, i):
-    """An empty answer would teach the model to end its turn at once; read_jsonl rejects these with the
-    file and line, this catches records built in code."""
-    if not messages[i]["content"].strip():
-        raise PhituneError(f"messages[{i}] is an empty assistant turn: it would train the model to end its turn "
-                           f"without answering; write the answer or remove the turn")
