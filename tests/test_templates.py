@@ -170,7 +170,8 @@ def test_phi2_multi_turn_prompt_is_what_chat_sends():
     template = Template(tok)
     messages = CONVERSATION[1:]
     ids, labels = template.encode({"messages": messages})
-    assert ids == tok(template.render_prompt(messages[:-1]) + " " + messages[-1]["content"] + tok.eos_token)["input_ids"]
+    text = template.render_prompt(messages[:-1]) + " " + messages[-1]["content"] + tok.eos_token
+    assert ids == tok(text)["input_ids"]
     for k in (1, 3, 5):
         prompt = template.encode_prompt(messages[:k])
         assert ids[:len(prompt)] == prompt and labels[len(prompt) - 1] == data.IGNORE != labels[len(prompt)]
@@ -224,6 +225,8 @@ def test_injected_reasoning_block_is_prompt_not_answer():
     assert tok.decode(trained) == "Hello there!<|im_end|>"  # the block is not trained
     _, stats = data.encode_records([{"messages": messages}], template, max_length=256)
     assert "'<think>\\n\\n</think>\\n\\n' before every answer" in stats.report("train")
+    _, stats = data.encode_records([{"messages": messages}], template, max_length=256)
+    assert "<think>" not in stats.report("validation")  # printed once per run
 
 
 def test_reasoning_block_template_refuses_what_it_cannot_match():
@@ -237,7 +240,7 @@ def test_reasoning_block_template_refuses_what_it_cannot_match():
 
 def test_plain_templates_have_no_answer_prefix(arch):
     template = Template(prepare_tokenizer(build_tokenizer(arch)))
-    assert template.answer_prefix == "" and template.notes == []
+    assert template.answer_prefix == "" and template.take_notes() == []
 
 
 def test_empty_assistant_turn_is_refused_with_file_and_line(tmp_path):

@@ -161,7 +161,7 @@ def encode_records(records, template, max_length, train_on_prompt=False, long_ex
     stop mid-sentence); an example with no answer token left is dropped. With "drop", every long example
     is dropped. Both are counted in the returned stats.
     """
-    stats, examples = EncodeStats(notes=list(getattr(template, "notes", []))), []
+    stats, examples = EncodeStats(notes=template.take_notes() if hasattr(template, "take_notes") else []), []
     for i, record in enumerate(records):
         ids, labels = template.encode(record)
         if train_on_prompt:

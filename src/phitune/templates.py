@@ -44,7 +44,7 @@ class Template:
         self.kind = kind
         self.system_prompt = system_prompt or None
         self.eos_token = tokenizer.eos_token
-        self.notes = []  # facts about the template worth printing once when training starts
+        self.notes = []  # facts about the template worth printing once when training starts (take_notes)
         self.answer_prefix = ""
         self.end_of_turn = tokenizer.eos_token
         if kind == "chat":
@@ -61,6 +61,11 @@ class Template:
     def from_meta(cls, tokenizer, meta, system_prompt=None):
         return cls(tokenizer, meta.get("kind", "auto"), system_prompt or meta.get("system_prompt"),
                    chat_template=meta.get("chat_template"))
+
+    def take_notes(self):
+        """Notes not handed out yet, so that a run prints each once (train and validation share a template)."""
+        notes, self.notes = self.notes, []
+        return notes
 
     def stop_token_ids(self):
         ids = [self.tok.convert_tokens_to_ids(t) for t in self.stop_tokens]
@@ -126,8 +131,9 @@ class Template:
             if m["role"] == "assistant" and not m["content"].strip():
                 # read_jsonl names the file and line; this catches records built in code. (Chat history
                 # may hold an empty answer: render_prompt accepts it.)
-                raise PhituneError(f"messages[{i}] is an empty assistant turn: it would train the model to end "
-                                   f"its turn without answering; write the answer or remove the turn")
+                raise PhituneError(f"conversation {_opening(messages)}: messages[{i}] is an empty assistant "
+                                   f"turn: it would train the model to end its turn without answering; write "
+                                   f"the answer or remove the turn")
         segments = self._chat_segments(messages) if self.kind == "chat" else self._phi2_pieces(messages)
         return self._encode_segments(segments)
 
@@ -196,8 +202,9 @@ class Template:
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         first = next((i for i, (a, _) in enumerate(offsets) if a >= start), len(ids))
         gap_from = start
-        if first and offsets[first - 1][1] > start and ids[first - 1] in tok.all_special_ids:
-            gap_from = offsets[first - 1][1]  # whitespace a special token swallowed (rstrip) stays swallowed
+        added = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
+        if first and offsets[first - 1][1] > start and ids[first - 1] in added:
+            gap_from = offsets[first - 1][1]  # whitespace an added token swallowed (rstrip) stays swallowed
         gap_to = offsets[first][0] if first < len(ids) else len(text)
         gap = text[gap_from:gap_to]
         return (tok(gap, add_special_tokens=False)["input_ids"] if gap else []) + ids[first:]
@@ -232,20 +239,22 @@ class Template:
             if not prompt.startswith(consumed) or not full.startswith(prompt):
                 if self.answer_prefix and consumed:
                     raise PhituneError(
-                        f"the chat template writes {self.answer_prefix!r} only into the last answer of a "
-                        f"conversation, so an earlier answer reads differently once a later turn follows and a "
-                        f"multi-turn conversation cannot be trained so that it matches chat; use conversations "
-                        f"with one assistant turn, or a chat template that renders every answer the same way")
-                raise PhituneError("the tokenizer's chat template does not render a conversation as a prefix of "
-                                   "its continuation, so answers cannot be masked; use --template phi2 or "
-                                   "--train_on_prompt")
+                        f"conversation {_opening(messages)}: the chat template writes {self.answer_prefix!r} only "
+                        f"into the last answer of a conversation, so an earlier answer reads differently once a "
+                        f"later turn follows and a multi-turn conversation cannot be trained so that it matches "
+                        f"chat; use conversations with one assistant turn, or a chat template that renders every "
+                        f"answer the same way")
+                raise PhituneError(f"conversation {_opening(messages)}: the tokenizer's chat template does not "
+                                   f"render a conversation as a prefix of its continuation, so answers cannot be "
+                                   f"masked; use --template phi2 or --train_on_prompt")
             answer = full[len(prompt):]
             if self.answer_prefix:
                 if not answer.startswith(self.answer_prefix):
                     raise PhituneError(
-                        f"messages[{i}]: the chat template rewrote this answer (it starts {answer[:60]!r} instead "
-                        f"of the {self.answer_prefix!r} it writes before every answer, e.g. a <think> block in "
-                        f"the data); remove it from the answer so training matches the prompt chat uses")
+                        f"conversation {_opening(messages)}, messages[{i}]: the chat template rewrote this answer "
+                        f"(it starts {answer[:60]!r} instead of the {self.answer_prefix!r} it writes before every "
+                        f"answer, e.g. from a <think> block in the data); remove that from the answer so training "
+                        f"matches the prompt chat uses")
                 prompt, answer = prompt + self.answer_prefix, answer[len(self.answer_prefix):]
             cut = answer.find(self.end_of_turn)
             append_eos = cut < 0
@@ -254,3 +263,8 @@ class Template:
             consumed = prompt + answer
         return out
 
+
+def _opening(messages):
+    """Where a conversation is in the data: the start of its first user message."""
+    first = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return repr(first[:40] + ("..." if len(first) > 40 else ""))
