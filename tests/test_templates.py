@@ -104,7 +104,7 @@ def phi35(request, tmp_path):
     return tok
 
 
-def reference(tok, messages, chat_template=None):
+def reference(tok, messages, eot, chat_template=None):
     """(input_ids, labels) the way chat sees a conversation: the whole rendered conversation tokenised at once;
     answer k is trained from the end of the prompt chat sends for turn k through the next end-of-turn token."""
     def ids(text):
@@ -112,7 +112,6 @@ def reference(tok, messages, chat_template=None):
 
     render = dict(tokenize=False, chat_template=chat_template)
     full = ids(tok.apply_chat_template(messages, **render))
-    eot = Template(tok, chat_template=chat_template).end_of_turn
     eot_id = tok.convert_tokens_to_ids(eot)
     labels, end = [data.IGNORE] * len(full), 0
     for k, m in enumerate(messages):
@@ -144,7 +143,7 @@ def test_phi35_training_ids_are_the_ids_chat_sends_and_generates(phi35, turns):
     template = Template(phi35)
     ids, labels = template.encode({"messages": messages})
     # the whole example: ids of the full rendered conversation, trained exactly on answers + <|end|>
-    assert (ids, labels) == reference(phi35, messages)
+    assert (ids, labels) == reference(phi35, messages, "<|end|>")
     end_id = phi35.convert_tokens_to_ids("<|end|>")
     assert template.end_of_turn == "<|end|>" and labels[-1] == ids[-1] == end_id
     # and turn by turn: the prompt before answer k is exactly what chat sends for that history
@@ -156,13 +155,14 @@ def test_phi35_training_ids_are_the_ids_chat_sends_and_generates(phi35, turns):
         assert phi35.decode(answer, skip_special_tokens=True).strip() == messages[k]["content"]
 
 
-@pytest.mark.parametrize("arch", ["phi3", "llama"])
-def test_byte_level_chat_training_ids_are_the_ids_chat_sends(arch):
+@pytest.mark.parametrize("arch,end", [("phi3", "<|end|>"), ("llama", "<|im_end|>")])
+def test_byte_level_chat_training_ids_are_the_ids_chat_sends(arch, end):
     tok = prepare_tokenizer(build_tokenizer(arch))
     template = Template(tok)
+    assert template.end_of_turn == end
     for turns in (1, 3):
         messages = CONVERSATION[:1 + 2 * turns]
-        assert template.encode({"messages": messages}) == reference(tok, messages)
+        assert template.encode({"messages": messages}) == reference(tok, messages, end)
 
 
 def test_phi2_multi_turn_prompt_is_what_chat_sends():
