@@ -124,8 +124,11 @@ def normalise(obj, fmt, path, lineno):
             raise DataError(path, lineno, f"messages[{i}]: a system message may only come first")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(path, lineno, "the conversation has no assistant turn, so there is nothing to learn")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise DataError(path, lineno, "every assistant turn is empty")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            # an empty answer trains the model to end its turn at once, without answering
+            raise DataError(path, lineno, f"messages[{i}] is an empty assistant turn, which would teach the model "
+                                          f"to end its turn without answering; write the answer or remove the turn")
     while messages[-1]["role"] != "assistant":  # trailing user turns have no answer to learn
         messages = messages[:-1]
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
@@ -141,12 +144,13 @@ class EncodeStats:
     tokens: int = 0
     answer_tokens: int = 0
     dropped_lines: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # what the template does to the text, printed with the counts
 
     def report(self, name):
         line = f"{name}: {self.kept} examples, {self.tokens:,} tokens ({self.answer_tokens:,} trained)"
         if self.truncated or self.dropped:
             line += f"; {self.truncated} truncated, {self.dropped} dropped (longer than --max_length)"
-        return line
+        return "\n".join([line] + self.notes)
 
 
 def encode_records(records, template, max_length, train_on_prompt=False, long_examples="truncate"):
@@ -157,7 +161,7 @@ def encode_records(records, template, max_length, train_on_prompt=False, long_ex
     stop mid-sentence); an example with no answer token left is dropped. With "drop", every long example
     is dropped. Both are counted in the returned stats.
     """
-    stats, examples = EncodeStats(), []
+    stats, examples = EncodeStats(notes=template.take_notes() if hasattr(template, "take_notes") else []), []
     for i, record in enumerate(records):
         ids, labels = template.encode(record)
         if train_on_prompt:

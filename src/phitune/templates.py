@@ -1,10 +1,17 @@
-"""One template object renders training examples and chat prompts, so both see the same text.
+"""One template object renders training examples and chat prompts, so both see the same text and ids.
 
 Kinds:
   chat  the tokenizer's own chat template (Phi-3.5, SmolLM2, Llama 3, ...); each answer ends with the
         template's end-of-turn token (<|end|>, <|im_end|>, <|eot_id|>), which is trained on.
   phi2  Phi-2's documented format: "Instruct: <prompt>\nOutput: <answer><EOS>".
-The choice, the end-of-turn token and the stop tokens are recorded in the adapter directory.
+The choice, the chat template text, the end-of-turn token and the stop tokens are recorded in the adapter
+directory.
+
+Tokenising: a training example is tokenised as one growing text, prefix by prefix, never piece by piece.
+SentencePiece-style tokenizers (Phi-3.5's Metaspace `▁`, special tokens that swallow the newline after
+them) give different ids for a piece alone than for the same piece inside the conversation, so the ids of
+the prompt before answer k are exactly encode_prompt(history up to k), and the answer ids are the ones
+the whole rendered conversation tokenises to.
 """
 from phitune.data import IGNORE
 from phitune.errors import PhituneError
@@ -12,12 +19,24 @@ from phitune.errors import PhituneError
 _SENTINEL = "\u2063PHITUNE_ANSWER\u2063"
 
 
+def _own_chat_template(tokenizer, chat_template):
+    """The chat template text this Template uses; the tokenizer object is never modified, so one tokenizer
+    can serve several adapters, each with its own template."""
+    if chat_template is not None:
+        return chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return tokenizer.get_chat_template()  # resolves a dict of named templates to its "default"
+    except ValueError:
+        return None
+
+
 class Template:
     def __init__(self, tokenizer, kind="auto", system_prompt=None, chat_template=None):
         self.tok = tokenizer
-        if chat_template is not None:
-            tokenizer.chat_template = chat_template
-        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        self.chat_template = _own_chat_template(tokenizer, chat_template)
+        has_chat = bool(self.chat_template)
         if kind == "auto":
             kind = "chat" if has_chat else "phi2"
         if kind == "chat" and not has_chat:
@@ -25,19 +44,28 @@ class Template:
         self.kind = kind
         self.system_prompt = system_prompt or None
         self.eos_token = tokenizer.eos_token
-        self.end_of_turn = self._find_end_of_turn() if kind == "chat" else tokenizer.eos_token
+        self.notes = []  # facts about the template worth printing once when training starts (take_notes)
+        self.answer_prefix = ""
+        self.end_of_turn = tokenizer.eos_token
+        if kind == "chat":
+            self.answer_prefix, self.end_of_turn = self._inspect_chat_template()
         self.stop_tokens = list(dict.fromkeys([self.end_of_turn, self.eos_token]))
 
     # -------------------------------------------------------------- facts recorded with the adapter
     def to_meta(self):
         return {"kind": self.kind, "system_prompt": self.system_prompt, "end_of_turn": self.end_of_turn,
                 "eos_token": self.eos_token, "stop_tokens": self.stop_tokens,
-                "chat_template": self.tok.chat_template if self.kind == "chat" else None}
+                "chat_template": self.chat_template if self.kind == "chat" else None}
 
     @classmethod
     def from_meta(cls, tokenizer, meta, system_prompt=None):
         return cls(tokenizer, meta.get("kind", "auto"), system_prompt or meta.get("system_prompt"),
                    chat_template=meta.get("chat_template"))
+
+    def take_notes(self):
+        """Notes not handed out yet, so that a run prints each once (train and validation share a template)."""
+        notes, self.notes = self.notes, []
+        return notes
 
     def stop_token_ids(self):
         ids = [self.tok.convert_tokens_to_ids(t) for t in self.stop_tokens]
@@ -50,28 +78,45 @@ class Template:
         return list(messages)
 
     def _render_chat(self, messages, add_generation_prompt):
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            chat_template=self.chat_template)
 
-    def _find_end_of_turn(self):
-        """The special token the chat template puts right after an assistant answer."""
-        text = self._render_chat([{"role": "user", "content": "hi"},
-                                  {"role": "assistant", "content": _SENTINEL}], False)
-        tail = text.split(_SENTINEL, 1)[-1].lstrip()
+    def _inspect_chat_template(self):
+        """(answer_prefix, end_of_turn), read off a conversation whose answer is a sentinel.
+
+        answer_prefix: text the template writes into every assistant turn before the answer itself (Qwen3's
+        empty reasoning block "<think>\\n\\n</think>\\n\\n"). Trained as part of the answer, every example
+        would teach the model to produce it; instead it belongs to the prompt: not trained, and chat/serve
+        put it at the end of the prompt too, so the model sees the same text in both.
+        end_of_turn: the special token the template puts right after an answer.
+        """
+        convo = [{"role": "user", "content": "hi"}]
+        prompt = self._render_chat(convo, True)
+        text = self._render_chat(convo + [{"role": "assistant", "content": _SENTINEL}], False)
+        if _SENTINEL not in text:
+            raise PhituneError("template: the chat template does not write the assistant's answer into the "
+                               "conversation, so there is nothing to train on; use --template phi2")
+        before, tail = text.split(_SENTINEL, 1)
+        prefix = before[len(prompt):] if before.startswith(prompt) else ""
+        if prefix:
+            self.notes.append(f"template: the chat template writes {prefix!r} before every answer; it is part of "
+                              f"the prompt (not trained), and chat/serve add it to their prompts too")
+        tail = tail.lstrip()
         for token in sorted(self.tok.all_special_tokens + list(self.tok.get_added_vocab()), key=len, reverse=True):
             if token and tail.startswith(token):
-                return token
-        return self.tok.eos_token
+                return prefix, token
+        return prefix, self.tok.eos_token
 
     def render_prompt(self, messages):
         """Text that asks the model for the next assistant turn (history ends with a user turn)."""
         messages = self._with_system(messages)
         if self.kind == "chat":
-            return self._render_chat(messages, True)
+            return self._render_chat(messages, True) + self.answer_prefix
         return "".join(t + (self.eos_token if eos else "") for t, _, eos in self._phi2_pieces(messages))
 
     def encode_prompt(self, messages):
         """Token ids of render_prompt(messages), tokenised exactly as in training."""
-        return self._tokenize(self.render_prompt(messages), first=True)
+        return self._tokenize(self.render_prompt(messages))
 
     # -------------------------------------------------------------- tokenising
     def encode(self, record):
@@ -82,21 +127,87 @@ class Template:
             ids = tok(record["text"], add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
             return ids, list(ids)
         messages = self._with_system(record["messages"])
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and not m["content"].strip():
+                # read_jsonl names the file and line; this catches records built in code. (Chat history
+                # may hold an empty answer: render_prompt accepts it.)
+                raise PhituneError(f"conversation {_opening(messages)}: messages[{i}] is an empty assistant "
+                                   f"turn: it would train the model to end its turn without answering; write "
+                                   f"the answer or remove the turn")
         segments = self._chat_segments(messages) if self.kind == "chat" else self._phi2_pieces(messages)
-        ids, labels = [], []
-        for text, trained, append_eos in segments:
-            piece = self._tokenize(text, first=not ids and not trained)
-            if append_eos:
-                piece = piece + [tok.eos_token_id]
-            ids += piece
-            labels += piece if trained else [IGNORE] * len(piece)
-        return ids, labels
+        return self._encode_segments(segments)
 
-    def _tokenize(self, text, first):
+    def _tokenize(self, text):
         """BOS is added once, at the very start, unless the template already wrote it."""
         bos = self.tok.bos_token
-        add = first and not (bos and text.startswith(bos))
+        add = not (bos and text.startswith(bos))
         return self.tok(text, add_special_tokens=add)["input_ids"] if text else []
+
+    def _encode_segments(self, segments):
+        """Tokenise [(text, trained, append_eos)] as one text that grows segment by segment.
+
+        Each step tokenises the whole text so far; its ids extend the ids so far whenever the tokenizer
+        is stable at the boundary, which is always so at the special tokens that end and open chat turns.
+        Then the prompt before each answer is token for token what encode_prompt gives for that history,
+        and the answer ids are the ones of the full conversation. Where a merge crosses the boundary (a
+        byte-level answer that starts with the newline the template ends with), the new segment's ids are
+        its in-context ids with the part the merge took tokenised alone: the prompt stays exact.
+        """
+        whole = self._encode_whole(segments)
+        if whole is not None:
+            return whole
+        ids, labels, text = [], [], ""
+        eos_id = self.tok.eos_token_id
+        for piece, trained, append_eos in segments:
+            start = len(text)
+            text += piece
+            whole = self._tokenize(text)
+            new = whole[len(ids):] if whole[:len(ids)] == ids else self._continuation(text, start)
+            if append_eos:
+                new = new + [eos_id]
+                text += self.eos_token or ""  # later prefixes are tokenised with the EOS written out
+            ids += new
+            labels += new if trained else [IGNORE] * len(new)
+        return ids, labels
+
+    def _encode_whole(self, segments):
+        """The same ids with one tokenisation of the whole conversation and one per prompt, instead of
+        two per turn (long multi-turn data tokenises ~2x faster); None where that shortcut does not hold."""
+        eot_id = self.tok.convert_tokens_to_ids(self.end_of_turn)
+        if eot_id is None or any(append_eos for _, _, append_eos in segments):
+            return None
+        ids, text, spans = self._tokenize("".join(piece for piece, _, _ in segments)), "", []
+        for piece, trained, _ in segments:
+            if trained:
+                prompt = self._tokenize(text)
+                done = spans[-1][1] if spans else 0
+                if len(prompt) < done or ids[:len(prompt)] != prompt or eot_id not in ids[len(prompt):]:
+                    return None
+                spans.append((len(prompt), ids.index(eot_id, len(prompt)) + 1))
+            text += piece
+        if not spans or spans[-1][1] != len(ids):
+            return None
+        labels = [IGNORE] * len(ids)
+        for a, b in spans:
+            labels[a:b] = ids[a:b]
+        return ids, labels
+
+    def _continuation(self, text, start):
+        """Ids for text[start:] as it tokenises after text[:start], for a boundary the tokenizer merges across."""
+        tok = self.tok
+        try:
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, ValueError):  # slow tokenizers have no offsets
+            return tok(text[start:], add_special_tokens=False)["input_ids"]
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        first = next((i for i, (a, _) in enumerate(offsets) if a >= start), len(ids))
+        gap_from = start
+        added = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
+        if first and offsets[first - 1][1] > start and ids[first - 1] in added:
+            gap_from = offsets[first - 1][1]  # whitespace an added token swallowed (rstrip) stays swallowed
+        gap_to = offsets[first][0] if first < len(ids) else len(text)
+        gap = text[gap_from:gap_to]
+        return (tok(gap, add_special_tokens=False)["input_ids"] if gap else []) + ids[first:]
 
     def _phi2_pieces(self, messages):
         """[(text, trained, append_eos)]: prompts end with 'Output:', answers are ' <answer>' + EOS."""
@@ -126,13 +237,34 @@ class Template:
             prompt = self._render_chat(messages[:i], True)
             full = self._render_chat(messages[:i + 1], False)
             if not prompt.startswith(consumed) or not full.startswith(prompt):
-                raise PhituneError("the tokenizer's chat template does not render a conversation as a prefix of "
-                                   "its continuation, so answers cannot be masked; use --template phi2 or "
-                                   "--train_on_prompt")
+                if self.answer_prefix and consumed:
+                    raise PhituneError(
+                        f"conversation {_opening(messages)}: the chat template writes {self.answer_prefix!r} only "
+                        f"into the last answer of a conversation, so an earlier answer reads differently once a "
+                        f"later turn follows and a multi-turn conversation cannot be trained so that it matches "
+                        f"chat; use conversations with one assistant turn, or a chat template that renders every "
+                        f"answer the same way")
+                raise PhituneError(f"conversation {_opening(messages)}: the tokenizer's chat template does not "
+                                   f"render a conversation as a prefix of its continuation, so answers cannot be "
+                                   f"masked; use --template phi2 or --train_on_prompt")
             answer = full[len(prompt):]
+            if self.answer_prefix:
+                if not answer.startswith(self.answer_prefix):
+                    raise PhituneError(
+                        f"conversation {_opening(messages)}, messages[{i}]: the chat template rewrote this answer "
+                        f"(it starts {answer[:60]!r} instead of the {self.answer_prefix!r} it writes before every "
+                        f"answer, e.g. from a <think> block in the data); remove that from the answer so training "
+                        f"matches the prompt chat uses")
+                prompt, answer = prompt + self.answer_prefix, answer[len(self.answer_prefix):]
             cut = answer.find(self.end_of_turn)
             append_eos = cut < 0
             answer = answer if append_eos else answer[:cut + len(self.end_of_turn)]
             out += [(prompt[len(consumed):], False, False), (answer, True, append_eos)]
             consumed = prompt + answer
         return out
+
+
+def _opening(messages):
+    """Where a conversation is in the data: the start of its first user message."""
+    first = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return repr(first[:40] + ("..." if len(first) > 40 else ""))
