@@ -36,15 +36,21 @@ def atomic_dir(final, write):
         os.replace(tmp, final)
 
 
-def save(output_dir, step, model, optimizer, scheduler, state, keep):
+def rng_state():
+    """The random generators' state (dropout draws), to be saved with the step it belongs to."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def save(output_dir, step, model, optimizer, scheduler, state, keep, rng=None):
+    """checkpoint-STEP/; `rng` is the RNG state as of the end of that step (default: now)."""
     def write(tmp):
         model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        torch.save(rng or rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     path = Path(output_dir) / f"checkpoint-{step}"
     atomic_dir(path, write)

@@ -98,7 +98,10 @@ class TrainArgs:
     warmup_ratio: float = opt(0.05, "fraction of optimizer steps spent warming the learning rate up")
     weight_decay: float = opt(0.0, "AdamW weight decay on LoRA weights")
     max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 turns clipping off")
-    gradient_checkpointing: bool = opt(True, "recompute activations in backward: less memory, ~30% slower steps")
+    gradient_checkpointing: str = opt("auto", "recompute activations in backward (less memory, ~30% slower "
+                                              "steps): auto turns it on only when the run would not fit in "
+                                              "the device's memory without it; true | false force it",
+                                      choices=("auto", "true", "false"), switch=True)
     torch_compile: bool = opt(False, "compile the model with torch.compile (pays off on long runs)")
     seed: int = opt(42, "seed for data order, validation split, LoRA init and dropout")
     max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (overrides --epochs)")
@@ -168,6 +171,11 @@ def add_arguments(parser, groups=GROUPS):
             kw = dict(default=argparse.SUPPRESS, help=help_text)
             if kind is bool:
                 group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+            elif f.metadata.get("switch"):  # --name (= true), --no-name (= false) or --name VALUE
+                group.add_argument(f"--{f.name}", nargs="?", const="true", type=str.lower,
+                                   choices=f.metadata["choices"], **kw)
+                group.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const="false",
+                                   default=argparse.SUPPRESS, help=f"same as --{f.name} false")
             elif kind is list:
                 group.add_argument(f"--{f.name}", nargs="+", **kw)
             else:
@@ -220,6 +228,8 @@ def _coerce(name, value, kind, f):
             if isinstance(value, bool):
                 return value
             raise ValueError
+        if f.metadata.get("switch") and isinstance(value, bool):  # YAML true/false
+            value = "true" if value else "false"
         if kind is list:
             return value if isinstance(value, list) else str(value).replace(",", " ").split()
         if kind is int and isinstance(value, float) and not value.is_integer():

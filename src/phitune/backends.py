@@ -1,0 +1,109 @@
+"""Hardware paths for training, decided once per run and applied through one seam.
+
+`make_plan` looks at the device, the precision and the model and says which attention, which LoRA
+layer, which pre-flight and whether to checkpoint activations; `apply(model, plan)` puts that into the
+model. The training loop never asks what hardware it runs on. A new backend (fused kernels for MPS
+or CUDA) adds a branch here and a module of its own, imported only when its plan is chosen.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+# Beyond this the (T x T) attention weights kept for backward grow too large for the CPU attention paths.
+CPU_ATTENTION_MAX_LEN = 512
+# The run must fit in this share of the available memory for `--gradient_checkpointing auto` to turn it off.
+CHECKPOINTING_MARGIN = 0.8
+
+
+@dataclass
+class DevicePlan:
+    device: torch.device
+    weights_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+    attention: str = "default"  # default | eager | phitune_cpu
+    lora_layer: str = "peft"  # peft | fused_cpu (one pass per layer, CPU)
+    preflight: str = "disk"  # disk | disk+ram
+    checkpointing: bool = True
+    checkpointing_reason: str = "on"
+    notes: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        compute = str(self.autocast_dtype or self.weights_dtype).replace("torch.", "")
+        return (f"{self.device.type}, weights {str(self.weights_dtype).replace('torch.', '')}, compute {compute}, "
+                f"attention {self.attention}, LoRA layer {self.lora_layer}")
+
+
+def make_plan(device, weights_dtype, autocast_dtype, quantized: bool, longest: int) -> DevicePlan:
+    """The hardware path for a run on `device` whose longest example has `longest` tokens."""
+    plan = DevicePlan(device, weights_dtype, autocast_dtype)
+    if device.type == "cpu":
+        plan.preflight = "disk+ram"
+        cpu_bf16 = autocast_dtype == torch.bfloat16 and not quantized
+        if longest <= CPU_ATTENTION_MAX_LEN:
+            # For short sequences PyTorch's CPU SDPA kernels (mostly their backward) are slower than plain
+            # matmul + softmax: ~30% per step on the demo model (docs/benchmarks.md); under bf16 autocast
+            # phitune's own version of it saves another fifth of the step.
+            plan.attention = "phitune_cpu" if cpu_bf16 else "eager"
+        if cpu_bf16:
+            # PEFT's generic LoRA path spent more time in casts, dropout draws and scaling than in matmuls.
+            plan.lora_layer = "fused_cpu"
+    return plan
+
+
+def apply(model, plan: DevicePlan) -> int:
+    """Put `plan` into a PEFT model (attention, LoRA layers); returns how many LoRA layers were fused."""
+    fused = 0
+    if plan.attention == "phitune_cpu":
+        from phitune.cpu_attention import use_cpu_attention
+        try:
+            use_cpu_attention(model)
+        except (ValueError, KeyError):  # a model (remote code) that accepts only its own implementations
+            plan.attention = "eager"
+    if plan.attention == "eager":
+        model.set_attn_implementation("eager")
+    if plan.device.type == "cpu":
+        from phitune.cpu_lora import use_fused_lora
+        fused = use_fused_lora(model, fuse=plan.lora_layer == "fused_cpu")
+    return fused
+
+
+def available_memory(device) -> int | None:
+    """Bytes this device can still give a run; PHITUNE_AVAILABLE_MEMORY (e.g. 6GiB) overrides it."""
+    forced = os.environ.get("PHITUNE_AVAILABLE_MEMORY")
+    if forced:
+        return parse_bytes(forced)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except ImportError:
+        return None
+
+
+def parse_bytes(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+    return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
+
+
+def choose_checkpointing(plan: DevicePlan, setting: str, need_without: int | None, available: int | None) -> None:
+    """Decide activation checkpointing: forced by true/false, or (auto) off only when the run fits."""
+    if setting in ("true", "false"):
+        plan.checkpointing = setting == "true"
+        plan.checkpointing_reason = f"{'on' if plan.checkpointing else 'off'}: --gradient_checkpointing {setting}"
+        return
+    if need_without is None or available is None:
+        plan.checkpointing, plan.checkpointing_reason = True, "on: the available memory is unknown"
+        return
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    fits = need_without <= CHECKPOINTING_MARGIN * available
+    plan.checkpointing = not fits
+    plan.checkpointing_reason = (f"{'off' if fits else 'on'}: needs ~{gib(need_without)} without it, "
+                                 f"{gib(available)} available")

@@ -1,0 +1,203 @@
+"""The training loop: step, validate, checkpoint. Everything it needs comes built in a Run (train_setup.py).
+
+One iteration is one optimizer step over gradient_accumulation_steps micro-batches on every process.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from phitune import checkpoints, data, models
+from phitune.errors import PhituneError
+from phitune.loss import summed_loss
+from phitune.report import ppl
+from phitune.train_setup import Run, enable_checkpointing
+
+
+def fit(run: Run) -> Optional[str]:
+    """Train from run.progress.step to run.total_steps; returns why it stopped early (or None).
+
+    Ctrl-C saves the last completed step (its RNG state as of the end of that step, so --resume
+    continues exactly as an uninterrupted run would) and re-raises KeyboardInterrupt."""
+    t, p, acc = run.cfg.train, run.progress, run.accelerator
+    lengths = [len(e["input_ids"]) for e in run.train_set]
+    bar = tqdm(total=run.total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not acc.is_main_process)
+    start, nonfinite, split, stop_reason = p.step, 0, 1, None
+    rng_after = {p.step: checkpoints.rng_state()}  # RNG as of the end of each completed step
+    batches, batches_epoch = None, None
+    run_start, tokens_at_start, seconds_before = time.perf_counter(), p.tokens, p.seconds
+    run.loss_model.train()
+    try:
+        for step in range(start + 1, run.total_steps + 1):
+            epoch, index = divmod(step - 1, run.steps_per_epoch)
+            if batches_epoch != epoch:
+                batches, batches_epoch = data.length_grouped_batches(lengths, t.batch_size, t.seed, epoch), epoch
+            micro, weight = _my_micro_batches(run, batches, index)
+            # Normalise by the trained tokens of the whole step (all micro-batches, all processes), so
+            # long and short examples weigh per token, not per batch.
+            local = torch.tensor(weight * sum(int((m["labels"][:, 1:] != data.IGNORE).sum()) for m in micro),
+                                 device=run.device)
+            step_tokens = acc.reduce(local, "sum").clamp(min=1)
+            step_loss, seen, split = _step_with_retry(run, micro, weight, split, step_tokens, step)
+            p.tokens += seen
+            p.answer_tokens += int(step_tokens)
+            grad_norm = acc.clip_grad_norm_(run.trainable, t.max_grad_norm) if t.max_grad_norm else torch.zeros(())
+            step_loss = acc.reduce(step_loss, "sum") / step_tokens
+            lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
+            finite = bool(torch.isfinite(step_loss) and torch.isfinite(torch.as_tensor(grad_norm)))
+            if finite:
+                run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            p.step = step  # the weights now hold this step (or, when skipped, keep their last finite values)
+            rng_after = {step: checkpoints.rng_state()}
+            if not finite:
+                nonfinite += 1
+                run.log(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
+                if nonfinite >= t.max_nonfinite_steps:
+                    raise PhituneError(f"{nonfinite} steps in a row had a non-finite loss or gradient; lower "
+                                       f"--learning_rate or use --precision fp32. The last good checkpoint is kept")
+                continue
+            nonfinite = 0
+            p.seconds = seconds_before + time.perf_counter() - run_start
+            speed = (p.tokens - tokens_at_start) / max(time.perf_counter() - run_start, 1e-9)
+            bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+            bar.update(1)
+            if run.metrics and step % t.logging_steps == 0:
+                run.metrics.add(step=step, epoch=round(step / run.steps_per_epoch, 4), loss=step_loss.item(), lr=lr,
+                                grad_norm=float(grad_norm), tokens=p.tokens, answer_tokens=p.answer_tokens,
+                                tokens_per_s=speed, seconds=p.seconds)
+            epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
+            if run.val_set and (epoch_end or (t.eval_steps and step % t.eval_steps == 0)):
+                stop_reason = _validate_and_keep_best(run, step)
+            if (t.save_steps and step % t.save_steps == 0) or epoch_end or stop_reason:
+                _save(run, step, rng_after[step])
+            if stop_reason:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        run.optimizer.zero_grad(set_to_none=True)  # drop a half-accumulated step
+        if p.step > start and not (run.out / f"checkpoint-{p.step}").is_dir():
+            _save(run, p.step, rng_after.get(p.step))
+        raise
+    bar.close()
+    if stop_reason:
+        run.log(stop_reason)
+    return stop_reason
+
+
+def _my_micro_batches(run, batches, index):
+    """(micro-batches, weight): this process's share of optimizer step `index` of the epoch.
+
+    Every process must run a backward in every step (the gradient all-reduce waits for all of them):
+    when an epoch's last step has fewer batches than processes, a process without one runs one row of
+    a real batch with weight 0, which only joins the reduction."""
+    world, rank = run.accelerator.num_processes, run.accelerator.process_index
+    group = run.cfg.train.gradient_accumulation_steps * world
+    step_batches = batches[index * group:(index + 1) * group]
+    mine = step_batches[rank::world]
+    collate = lambda b: _to(data.collate([run.train_set[i] for i in b], run.tokenizer.pad_token_id), run.device)  # noqa: E731
+    return ([collate(b) for b in mine], 1.0) if mine else ([collate(step_batches[0][:1])], 0.0)
+
+
+def _step_with_retry(run, micro, weight, split, step_tokens, step):
+    """Forward and backward of one step; on out-of-memory, first checkpoint activations, then split."""
+    while True:
+        try:
+            loss, seen = _forward_backward(run, micro, weight, split, step_tokens)
+            return loss, seen, split
+        except torch.OutOfMemoryError:
+            run.optimizer.zero_grad(set_to_none=True)
+            _free_memory(run.device)
+            if not run.plan.checkpointing:
+                run.plan.checkpointing, run.plan.checkpointing_reason = True, "on: a step ran out of memory"
+                enable_checkpointing(run.model)
+                run.log(f"out of memory at step {step}: retrying with gradient checkpointing on")
+                continue
+            if split >= run.cfg.train.batch_size:
+                raise PhituneError("out of memory even with one example per micro-batch; lower --max_length "
+                                   "or use --quantize 4bit") from None
+            split *= 2
+            run.log(f"out of memory at step {step}: retrying with micro-batches of "
+                    f"{math.ceil(run.cfg.train.batch_size / split)} and {split}x the accumulation steps "
+                    f"(same effective batch)")
+
+
+def _forward_backward(run, micro, weight, split, step_tokens):
+    """Forward and backward over one step's micro-batches, each cut into `split` row chunks, the loss
+    scaled by `weight` (0 for a stand-in batch). Returns (summed loss of this process, tokens seen)."""
+    acc, world = run.accelerator, run.accelerator.num_processes
+    pieces = [chunk for m in micro for chunk in _rows(m, split)]
+    total, tokens = torch.zeros((), device=run.device), 0
+    for i, batch in enumerate(pieces):
+        last = i == len(pieces) - 1  # DDP syncs gradients once, after the last piece
+        with (nullcontext() if last else acc.no_sync(run.loss_model)), \
+                models.autocast(run.device, run.plan.autocast_dtype):
+            loss_sum, _ = run.loss_model(**batch)
+        acc.backward(loss_sum * (weight * world) / step_tokens)
+        total += weight * loss_sum.detach()
+        tokens += int(weight * batch["attention_mask"].sum()) * world
+    return total, tokens
+
+
+def _validate_and_keep_best(run, step):
+    """Validation loss over all processes; saves best_adapter/ on improvement. Returns a stop reason."""
+    t, p = run.cfg.train, run.progress
+    run.loss_model.eval()
+    with models.autocast(run.device, run.plan.autocast_dtype):
+        total, count = summed_loss(run.loss_model, run.val_set, t.batch_size, run.tokenizer.pad_token_id,
+                                   run.device, run.accelerator.process_index, run.accelerator.num_processes)
+    run.loss_model.train()
+    val_loss = (run.accelerator.reduce(total, "sum") / run.accelerator.reduce(count, "sum")).item()
+    improved = p.best_val is None or val_loss < p.best_val
+    if improved:
+        p.best_val, p.best_step, p.bad_evals = val_loss, step, 0
+        if run.accelerator.is_main_process:
+            checkpoints.atomic_dir(run.out / "best_adapter", lambda d: run.model.save_pretrained(
+                d, safe_serialization=True, save_embedding_layers=False))
+    else:
+        p.bad_evals += 1
+    if run.metrics:
+        run.metrics.add(step=step, epoch=round(step / run.steps_per_epoch, 4), val_loss=val_loss, val_ppl=ppl(val_loss))
+    run.log(f"step {step}: validation loss {val_loss:.4f} (perplexity {ppl(val_loss):.2f})"
+            + (" best so far" if improved else ""))
+    if t.early_stopping_patience and p.bad_evals >= t.early_stopping_patience:
+        return f"early stopping: no better validation loss for {p.bad_evals} evaluations"
+    return None
+
+
+def _save(run, step, rng):
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        try:
+            checkpoints.save(run.out, step, run.model, run.optimizer, run.scheduler, run.progress.to_dict(),
+                             run.cfg.train.save_total_limit, rng=rng)
+        except OSError as e:
+            raise PhituneError(f"could not write checkpoint-{step} in {run.out} ({e.strerror or e}); the checkpoints "
+                               f"already there are intact: free space and rerun with --resume") from None
+
+
+def _rows(batch, split):
+    if split == 1:
+        return [batch]
+    size = math.ceil(batch["input_ids"].shape[0] / split)
+    return [{k: v[s:s + size] for k, v in batch.items()} for s in range(0, batch["input_ids"].shape[0], size)]
+
+
+def _free_memory(device):
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def _to(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
