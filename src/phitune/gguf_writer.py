@@ -153,7 +153,6 @@ def add_hparams(w, cfg, arch, outtype):
             raise PhituneError("export: Phi models with qk_layernorm have no llama.cpp phi2 equivalent")
         w.add_layer_norm_eps(cfg.layer_norm_eps)
         w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * head_dim))
-        w.add_add_bos_token(False)
     else:  # phi3
         kind = _check_rope(cfg, ("default", "longrope", "su"))
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)

@@ -24,9 +24,10 @@ const out = {
 };
 
 if ((req.generate ?? []).length || (req.probs ?? []).length) {
-    const context = await model.createContext({contextSize: req.context ?? 512, threads: req.threads ?? 2});
+    const context = await model.createContext({contextSize: req.context ?? 512, threads: req.threads ?? 1});
+    const sequence = context.getSequence();
     for (const g of req.generate ?? []) {
-        const sequence = context.getSequence();
+        await sequence.clearHistory();
         const ids = [];
         let stopped = true;
         for await (const token of sequence.evaluate(g.ids, {temperature: 0})) {
@@ -38,14 +39,12 @@ if ((req.generate ?? []).length || (req.probs ?? []).length) {
             ids.push(token);
         }
         out.generated.push({ids, text: model.detokenize(ids), stopped});
-        sequence.dispose();
     }
     for (const ids of req.probs ?? []) {
-        const sequence = context.getSequence();
+        await sequence.clearHistory();
         const input = ids.map((id) => [id, {generateNext: {probabilities: true}}]);
         const res = await sequence.controlledEvaluate(input);
         out.probs.push(res.map((r) => Array.from(r?.next?.probabilities?.entries() ?? []).slice(0, req.top ?? 20)));
-        sequence.dispose();
     }
     await context.dispose();
 }
