@@ -149,6 +149,8 @@ def test_llamacpp_tokenizes_like_the_hf_tokenizer(exported, llamacpp, arch):
     rendered = [template.render_prompt([{"role": "user", "content": t}]) for t in TEXTS[:3]]
     res = llamacpp({"model": str(e["files"]["f16"]), "tokenize_plain": TEXTS, "tokenize": rendered})
     assert res["tokens_plain"] == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    # As a user of a llama.cpp chat front end would: the file's own chat template, no prompt built by hand.
+    assert res["chat"][0]["text"].strip() == tok.decode(want[:-1], skip_special_tokens=True).strip(), res["chat"]
     # The chat prompt, special tokens included, is the token sequence phitune trains and prompts with.
     want = [template.encode_prompt([{"role": "user", "content": t}]) for t in TEXTS[:3]]
     assert res["tokens"] == want
@@ -303,9 +305,11 @@ def test_demo_model_export_answers_like_the_tuned_model(tmp_path, llamacpp):
     ids = template.encode_prompt([{"role": "user", "content": question}])
     want = _greedy(ref, ids, 80, template.stop_token_ids())
     res = llamacpp({"model": str(gguf_path), "context": 1024, "generate": [{"ids": ids, "max_tokens": 80}],
-                    "tokenize_plain": TEXTS})
+                    "tokenize_plain": TEXTS, "chat": [question], "max_tokens": 80})
     got = res["generated"][0]
     assert got["stopped"], got  # ended on <|im_end|> by itself
     assert want[-1] in template.stop_token_ids()
-    assert got["ids"] == want, (tok.decode(got["ids"]), tok.decode(want))
+    assert got["ids"] == want[:-1], (tok.decode(got["ids"]), tok.decode(want))  # llama.cpp omits the stop token
     assert res["tokens_plain"] == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    # As a user of a llama.cpp chat front end would: the file's own chat template, no prompt built by hand.
+    assert res["chat"][0]["text"].strip() == tok.decode(want[:-1], skip_special_tokens=True).strip(), res["chat"]

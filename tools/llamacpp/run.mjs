@@ -6,9 +6,12 @@
 //    "generate": [{"ids": [...], "max_tokens": 20}, ...]
 //                                              -> "generated": [{"ids": [...], "text": "...", "stopped": bool}]
 //                                                 greedy; stopped = ended on an end-of-generation token by itself
+//    "chat": ["user message", ...]             -> "chat": [{"text": "...", "wrapper": "..."}]
+//                                                 one-turn chats through node-llama-cpp's chat session, using
+//                                                 the chat template stored in the file; greedy
 //    "probs": [[ids], ...]}                     -> "probs": [[[[id, p], ...top 20] per position], ...]
 //                                                 next-token distributions along a fixed sequence
-import {getLlama} from "node-llama-cpp";
+import {getLlama, JinjaTemplateChatWrapper, LlamaChatSession} from "node-llama-cpp";
 
 const chunks = [];
 for await (const c of process.stdin) chunks.push(c);
@@ -23,7 +26,7 @@ const out = {
     generated: [], probs: [],
 };
 
-if ((req.generate ?? []).length || (req.probs ?? []).length) {
+if ((req.generate ?? []).length || (req.probs ?? []).length || (req.chat ?? []).length) {
     const context = await model.createContext({contextSize: req.context ?? 512, threads: req.threads ?? 1});
     const sequence = context.getSequence();
     for (const g of req.generate ?? []) {
@@ -45,6 +48,17 @@ if ((req.generate ?? []).length || (req.probs ?? []).length) {
         const input = ids.map((id) => [id, {generateNext: {probabilities: true}}]);
         const res = await sequence.controlledEvaluate(input);
         out.probs.push(res.map((r) => Array.from(r?.next?.probabilities?.entries() ?? []).slice(0, req.top ?? 20)));
+    }
+    out.chat = [];
+    for (const message of req.chat ?? []) {
+        await sequence.clearHistory();
+        // The Jinja template stored in the file, as llama.cpp's own chat front ends render it.
+        const chatWrapper = new JinjaTemplateChatWrapper({template: model.fileInfo.metadata.tokenizer.chat_template});
+        const session = new LlamaChatSession({contextSequence: sequence, autoDisposeSequence: false, chatWrapper});
+        session.setChatHistory([]);  // no system message of node-llama-cpp's own: the template decides
+        const text = await session.prompt(message, {temperature: 0, maxTokens: req.max_tokens ?? 80});
+        out.chat.push({text, wrapper: session.chatWrapper.wrapperName});
+        session.dispose({disposeSequence: false});
     }
     await context.dispose();
 }
