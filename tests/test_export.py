@@ -149,8 +149,6 @@ def test_llamacpp_tokenizes_like_the_hf_tokenizer(exported, llamacpp, arch):
     rendered = [template.render_prompt([{"role": "user", "content": t}]) for t in TEXTS[:3]]
     res = llamacpp({"model": str(e["files"]["f16"]), "tokenize_plain": TEXTS, "tokenize": rendered})
     assert res["tokens_plain"] == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
-    # As a user of a llama.cpp chat front end would: the file's own chat template, no prompt built by hand.
-    assert res["chat"][0]["text"].strip() == tok.decode(want[:-1], skip_special_tokens=True).strip(), res["chat"]
     # The chat prompt, special tokens included, is the token sequence phitune trains and prompts with.
     want = [template.encode_prompt([{"role": "user", "content": t}]) for t in TEXTS[:3]]
     assert res["tokens"] == want
