@@ -311,3 +311,35 @@ def test_demo_model_export_answers_like_the_tuned_model(tmp_path, llamacpp):
     assert res["tokens_plain"] == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     # As a user of a llama.cpp chat front end would: the file's own chat template, no prompt built by hand.
     assert res["chat"][0]["text"].strip() == tok.decode(want[:-1], skip_special_tokens=True).strip(), res["chat"]
+
+
+def test_phi3_longrope_factors_in_llamacpp(llamacpp, tmp_path):
+    """Phi-3.5's LongRoPE (short/long factors and attention scaling) gives the same logits in llama.cpp
+    within the original context (where both use the short factors)."""
+    import gguf
+    from transformers import AutoModelForCausalLM, Phi3Config
+    from phitune.export import write_gguf
+    from phitune.templates import Template
+    from tiny import build_tokenizer
+    tok = build_tokenizer("phi3")
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                     original_max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+                     bos_token_id=tok.bos_token_id, pad_token_id=None, tie_word_embeddings=False,
+                     initializer_range=0.25, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                              "long_factor": [1.0, 2.0, 4.0, 8.0],
+                                                              "short_factor": [1.0, 1.5, 2.0, 3.0]})
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    path = tmp_path / "longrope.gguf"
+    write_gguf(path, model, tok, Template(tok), "f32")
+    fields = gguf.GGUFReader(str(path)).fields
+    assert abs(float(fields["phi3.rope.scaling.attn_factor"].parts[-1][0]) - (1 + np.log(4) / np.log(256)) ** 0.5) < 1e-6
+    ids = tok("The Eagle is a coffee shop serving French food near the river.")["input_ids"] * 3
+    res = llamacpp({"model": str(path), "context": 256, "probs": [ids]})
+    with torch.no_grad():
+        p = model(torch.tensor([ids])).logits[0].softmax(-1)
+    for pos, top in enumerate(res["probs"][0]):
+        assert top[0][0] == int(p[pos].argmax())
+        for t, prob in top[:5]:
+            assert abs(prob - float(p[pos, t])) < 1e-3, (pos, t, prob, float(p[pos, t]))
