@@ -352,3 +352,27 @@ def test_phi3_longrope_factors_in_llamacpp(llamacpp, tmp_path):
         assert top[0][0] == int(p[pos].argmax())
         for t, prob in top[:5]:
             assert abs(prob - float(p[pos, t])) < 1e-3, (pos, t, prob, float(p[pos, t]))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_gguf_on_base_gguf_equals_merged_model(exported, tiny_models, llamacpp, arch, tmp_path):
+    """--format lora: the adapter alone, applied by llama.cpp to a GGUF of the base, answers like the merge."""
+    from transformers import AutoModelForCausalLM
+    from phitune.export import write_gguf
+    e = exported[arch]
+    base = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+    write_gguf(tmp_path / "base.gguf", base, e["tok"], e["template"], "f32")
+    lora = tmp_path / "adapter.gguf"
+    assert run_cli("export", "--adapter_path", e["adapter"], "--format", "lora", "--output", lora) == 0
+    prompts = _prompt_ids(e)
+    res = llamacpp({"model": str(tmp_path / "base.gguf"), "lora": str(lora), "probs": prompts,
+                    "generate": [{"ids": ids, "max_tokens": N_EXACT} for ids in prompts]})
+    stops = e["template"].stop_token_ids()
+    for ids, got, probs in zip(prompts, res["generated"], res["probs"]):
+        assert got["ids"] == [t for t in _greedy(e["model"], ids, N_EXACT, stops) if t not in stops]
+        with torch.no_grad():
+            p = e["model"](torch.tensor([ids])).logits[0].softmax(-1)
+        assert all(abs(prob - float(p[pos, t])) < 1e-3 for pos, top in enumerate(probs) for t, prob in top[:5])
+    with torch.no_grad():  # the adapter matters: without it the base answers measurably differently
+        ids = torch.tensor([prompts[0]])
+        assert float((base(ids).logits.softmax(-1) - e["model"](ids).logits.softmax(-1)).abs().max()) > 0.02

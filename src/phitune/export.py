@@ -24,8 +24,10 @@ READBACK_TOL = {"f32": 0.0, "f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2, "q4_0": 0.1
 def add_parser(p):
     p.add_argument("--adapter_path", required=True, help="adapter directory to merge and export")
     p.add_argument("--output", required=True, help="GGUF file to write, e.g. model.gguf")
-    p.add_argument("--format", default="gguf", choices=("gguf", "ollama"),
-                   help="gguf: the GGUF file; ollama: the GGUF file and an Ollama Modelfile beside it")
+    p.add_argument("--format", default="gguf", choices=("gguf", "ollama", "lora"),
+                   help="gguf: the merged model as one GGUF file; ollama: that file and an Ollama Modelfile "
+                        "beside it; lora: the adapter alone as a GGUF LoRA for llama.cpp's --lora, applied to "
+                        "a GGUF of the same base model")
     p.add_argument("--outtype", default="f16", choices=gguf_writer.OUTTYPES,
                    help="weight type: f32 and f16 keep the merged model's answers; q8_0/q4_0 are smaller and "
                         "approximate (1-D tensors stay f32)")
@@ -166,7 +168,14 @@ def main(args):
     base_name = args.model or meta.get("base", {}).get("model")
     if not base_name:
         raise PhituneError(f"{args.adapter_path}: no base model recorded; pass --model")
-    arch = gguf_writer.arch_for(models.load_config(base_name, args.trust_remote_code))  # refuse early
+    config = models.load_config(base_name, args.trust_remote_code)
+    arch = gguf_writer.arch_for(config)  # refuse early
+    if args.format == "lora":
+        from phitune.gguf_lora import write_lora_gguf
+        n = write_lora_gguf(out, args.adapter_path, config, _atomic_write)
+        print(f"GGUF LoRA written to {out} ({arch}, {n} adapted matrices, f32)")
+        print(f"  llama.cpp:  llama-cli -m BASE.gguf --lora {out} -cnv   (BASE.gguf: a GGUF of {base_name})")
+        return 0
     merged, tokenizer, template, base_name, ids, before = merge.merge_adapter(args.adapter_path, args.model,
                                                                               args.trust_remote_code)
     merged = merged.to(torch.float32).eval()

@@ -19,6 +19,20 @@ ARCHS = {"llama": "llama", "mistral": "llama", "phi": "phi2", "phi3": "phi3"}
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
+# transformers module (inside model.layers.N) -> llama.cpp tensor (inside blk.N), per architecture
+LAYER_NAMES = {
+    "llama": {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"},
+    "phi2": {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up",
+             "mlp.fc2": "ffn_down"},
+    "phi3": {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"},
+}
+
+
 def supported():
     return ", ".join(f"{k} ({v})" for k, v in ARCHS.items())
 
@@ -33,7 +47,7 @@ def arch_for(config):
 
 # ---------------------------------------------------------------- tensors
 
-def _permute_for_llamacpp(w, n_head):
+def permute_for_llamacpp(w, n_head):
     """Rows of q/k: per head, transformers' [first half | second half] -> llama.cpp's interleaved pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -61,29 +75,20 @@ def tensors(model, arch):
         yield "output_norm.weight", sd["model.norm.weight"]
         if not tied:
             yield "output.weight", sd["lm_head.weight"]
-        names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
     elif arch == "phi2":
         yield "output_norm.weight", sd["model.final_layernorm.weight"]
         yield "output_norm.bias", sd["model.final_layernorm.bias"]
         yield "output.weight", sd["model.embed_tokens.weight"] if tied else sd["lm_head.weight"]
         if "lm_head.bias" in sd:
             yield "output.bias", sd["lm_head.bias"]
-        names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up",
-                 "mlp.fc2": "ffn_down"}
     else:  # phi3
         yield "output_norm.weight", sd["model.norm.weight"]
         yield "output.weight", sd["model.embed_tokens.weight"] if tied else sd["lm_head.weight"]
-        names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                 "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
-                 "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
         rope = _rope(cfg)
         if rope.get("long_factor"):
             yield "rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32)
             yield "rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32)
+    names = LAYER_NAMES[arch]
     used = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "lm_head.bias",
             "model.final_layernorm.weight", "model.final_layernorm.bias"}
     for i in range(cfg.num_hidden_layers):
@@ -95,7 +100,7 @@ def tensors(model, arch):
                 used.add(key)
                 w = sd[key]
                 if arch == "llama" and gg in ("attn_q", "attn_k"):
-                    w = _permute_for_llamacpp(w, n_head if gg == "attn_q" else n_kv)
+                    w = permute_for_llamacpp(w, n_head if gg == "attn_q" else n_kv)
                 yield f"blk.{i}.{gg}.{kind}", w
     left = sorted(k for k in sd if k not in used and "rotary_emb" not in k)
     if left:

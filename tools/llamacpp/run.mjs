@@ -1,6 +1,6 @@
 // Runs a GGUF file in llama.cpp (node-llama-cpp's prebuilt CPU binaries; nothing is downloaded or compiled).
 // Reads one JSON request on stdin, prints one JSON answer on stdout:
-//   {"model": "m.gguf", "context": 512,
+//   {"model": "m.gguf", "context": 512, "lora": "adapter.gguf" (optional, applied with scale 1),
 //    "tokenize": ["text", ...],                 -> "tokens": [[ids], ...]   (special tokens parsed, no BOS added)
 //    "tokenize_plain": ["text", ...],           -> "tokens_plain": [[ids], ...] (special-token text kept as text)
 //    "generate": [{"ids": [...], "max_tokens": 20}, ...]
@@ -27,7 +27,8 @@ const out = {
 };
 
 if ((req.generate ?? []).length || (req.probs ?? []).length || (req.chat ?? []).length) {
-    const context = await model.createContext({contextSize: req.context ?? 512, threads: req.threads ?? 1});
+    const context = await model.createContext({contextSize: req.context ?? 512, threads: req.threads ?? 1,
+                                               ...(req.lora ? {lora: req.lora} : {})});
     const sequence = context.getSequence();
     for (const g of req.generate ?? []) {
         await sequence.clearHistory();
