@@ -15,7 +15,8 @@ RUNNER = ROOT / "tools" / "llamacpp"
 ARCHS = ("phi", "phi3", "llama")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 TEXTS = ["Hello world", "café naïve ÉLAN über straße", "def f(x):\n    return x**2  # 😀 done",
-         "  two  spaces\n\n\ttab  ", "1234567 + 89 = 1234656", "emoji 🤖🎉 and 中文 and ñ", "name[The Eagle], food[French]"]
+         "  two  spaces\n\n\ttab  ", "1234567 + 89 = 1234656", "emoji 🤖🎉 and 中文 and ñ",
+         "name[The Eagle], food[French]"]
 PROMPTS = ["Say the code for red", "Say the code for gold", "What is the capital of France?"]
 N_EXACT = 12  # greedy tokens compared one for one at f32/f16/bf16
 
@@ -343,7 +344,8 @@ def test_phi3_longrope_factors_in_llamacpp(llamacpp, tmp_path):
     path = tmp_path / "longrope.gguf"
     write_gguf(path, model, tok, Template(tok), "f32")
     fields = gguf.GGUFReader(str(path)).fields
-    assert abs(float(fields["phi3.rope.scaling.attn_factor"].parts[-1][0]) - (1 + np.log(4) / np.log(256)) ** 0.5) < 1e-6
+    attn_factor = float(fields["phi3.rope.scaling.attn_factor"].parts[-1][0])
+    assert abs(attn_factor - (1 + np.log(4) / np.log(256)) ** 0.5) < 1e-6
     ids = tok("The Eagle is a coffee shop serving French food near the river.")["input_ids"] * 3
     res = llamacpp({"model": str(path), "context": 256, "probs": [ids]})
     with torch.no_grad():
@@ -376,3 +378,53 @@ def test_lora_gguf_on_base_gguf_equals_merged_model(exported, tiny_models, llama
     with torch.no_grad():  # the adapter matters: without it the base answers measurably differently
         ids = torch.tensor([prompts[0]])
         assert float((base(ids).logits.softmax(-1) - e["model"](ids).logits.softmax(-1)).abs().max()) > 0.02
+
+
+def _sentencepiece_style_tokenizer():
+    """A tiny tokenizer laid out like Llama 2's / Phi-3's tokenizer.json: '▁' for spaces, byte fallback to
+    <0xXX> tokens, ids in merge order (the layout llama.cpp reads as a SentencePiece 'llama' vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from tiny import CORPUS, PHI3
+    norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = norm
+    learner.pre_tokenizer = pre_tokenizers.Split("\n", "isolated")
+    learner.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = norm
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>", pad_token="<|endoftext|>")
+    fast.chat_template = PHI3
+    return fast
+
+
+def test_sentencepiece_style_tokenizer_in_llamacpp(llamacpp, tmp_path):
+    """Phi-3.5's kind of tokenizer (byte-fallback BPE over '▁') tokenizes and generates alike in llama.cpp."""
+    from transformers import AutoModelForCausalLM
+    from phitune.export import write_gguf
+    from phitune.templates import Template
+    from tiny import build_config
+    tok = _sentencepiece_style_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config("phi3", len(tok), eos=tok.eos_token_id,
+                                                          bos=tok.bos_token_id)).eval()
+    template = Template(tok)
+    path = tmp_path / "spm.gguf"
+    write_gguf(path, model, tok, template, "f32")
+    prompts = [template.encode_prompt([{"role": "user", "content": t}]) for t in TEXTS]
+    rendered = [template.render_prompt([{"role": "user", "content": t}]) for t in TEXTS]
+    res = llamacpp({"model": str(path), "tokenize_plain": TEXTS, "tokenize": rendered,
+                    "generate": [{"ids": prompts[0], "max_tokens": N_EXACT}]})
+    assert res["tokens_plain"] == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    assert res["tokens"] == prompts
+    stops = template.stop_token_ids()
+    assert res["generated"][0]["ids"] == [t for t in _greedy(model, prompts[0], N_EXACT, stops) if t not in stops]
