@@ -66,7 +66,7 @@ def write_gguf(path, model, tokenizer, template, outtype, name="phitune model"):
     """Write `model` (a merged transformers model) as a GGUF file at `path`; returns the written tensor names."""
     import gguf
     arch = gguf_writer.arch_for(model.config)
-    originals = {}
+    names = []
 
     def write(tmp):
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -74,37 +74,38 @@ def write_gguf(path, model, tokenizer, template, outtype, name="phitune model"):
         gguf_writer.add_hparams(w, model.config, arch, outtype)
         gguf_writer.add_tokenizer(w, tokenizer, model.config, template)
         for tname, data in gguf_writer.tensors(model, arch):
-            originals[tname] = data
+            names.append(tname)
             encoded, raw = gguf_writer.encode_tensor(tname, data, outtype)
             w.add_tensor(tname, encoded, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        check_readback(tmp, originals, outtype)
+        check_readback(tmp, gguf_writer.tensors(model, arch), outtype)
     _atomic_write(Path(path), write)
-    return list(originals)
+    return names
 
 
 def check_readback(path, originals, outtype):
-    """Read the file back with the gguf reader and compare every tensor with the weights it came from."""
+    """Read the file back with the gguf reader and compare every tensor with the weights it came from
+    (`originals`: (name, array) pairs, as gguf_writer.tensors yields them)."""
     import gguf
-    reader = gguf.GGUFReader(str(path))
+    reader = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     seen = set()
-    for t in reader.tensors:
-        want = originals.get(t.name)
-        if want is None:
-            raise PhituneError(f"export check: unexpected tensor {t.name} in the written file")
+    for name, want in originals:
+        t = reader.get(name)
+        if t is None:
+            raise PhituneError(f"export check: tensor {name} is missing from the written file")
         got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
         scale = float(np.abs(want).max()) or 1.0
         err = float(np.abs(got.astype(np.float32) - want).max()) / scale
         if err > READBACK_TOL[outtype] + (1e-3 if t.tensor_type == gguf.GGMLQuantizationType.F16 else 0):
             raise PhituneError(f"export check: tensor {t.name} reads back with relative error {err:.2e} "
                                f"(> {READBACK_TOL[outtype]:.0e} for {outtype})")
-        seen.add(t.name)
-    missing = set(originals) - seen
-    if missing:
-        raise PhituneError(f"export check: tensors missing from the written file: {', '.join(sorted(missing))}")
+        seen.add(name)
+    extra = set(reader) - seen
+    if extra:
+        raise PhituneError(f"export check: unexpected tensors in the written file: {', '.join(sorted(extra))}")
 
 
 # ---------------------------------------------------------------- Ollama

@@ -65,47 +65,46 @@ def _check_rope(config, allowed):
 
 
 def tensors(model, arch):
-    """Yield (gguf name, float32 numpy array) for every weight llama.cpp reads."""
+    """Yield (gguf name, float32 numpy array) for every weight llama.cpp reads, one tensor at a time
+    (a 4B model is not copied whole). Refuses, before yielding anything, a model with weights the layout
+    has no place for."""
     cfg = model.config
-    sd = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in model.state_dict().items()}
+    sd = model.state_dict()
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    yield "token_embd.weight", sd["model.embed_tokens.weight"]
-    if arch == "llama":
-        n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        yield "output_norm.weight", sd["model.norm.weight"]
-        if not tied:
-            yield "output.weight", sd["lm_head.weight"]
-    elif arch == "phi2":
-        yield "output_norm.weight", sd["model.final_layernorm.weight"]
-        yield "output_norm.bias", sd["model.final_layernorm.bias"]
-        yield "output.weight", sd["model.embed_tokens.weight"] if tied else sd["lm_head.weight"]
-        if "lm_head.bias" in sd:
-            yield "output.bias", sd["lm_head.bias"]
-    else:  # phi3
-        yield "output_norm.weight", sd["model.norm.weight"]
-        yield "output.weight", sd["model.embed_tokens.weight"] if tied else sd["lm_head.weight"]
-        rope = _rope(cfg)
-        if rope.get("long_factor"):
-            yield "rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32)
-            yield "rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32)
-    names = LAYER_NAMES[arch]
-    used = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "lm_head.bias",
-            "model.final_layernorm.weight", "model.final_layernorm.bias"}
+    plan = [("token_embd.weight", "model.embed_tokens.weight")]  # (gguf name, transformers key or array)
+    if arch in ("llama", "phi3"):
+        plan.append(("output_norm.weight", "model.norm.weight"))
+    else:
+        plan += [("output_norm.weight", "model.final_layernorm.weight"),
+                 ("output_norm.bias", "model.final_layernorm.bias")]
+    if not tied:
+        plan.append(("output.weight", "lm_head.weight"))
+    elif arch != "llama":  # llama.cpp's llama loader falls back to token_embd; phi2/phi3 want the matrix
+        plan.append(("output.weight", "model.embed_tokens.weight"))
+    if "lm_head.bias" in sd:
+        plan.append(("output.bias", "lm_head.bias"))
+    rope = _rope(cfg)
+    if arch == "phi3" and rope.get("long_factor"):
+        plan += [("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32)),
+                 ("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))]
     for i in range(cfg.num_hidden_layers):
-        for hf, gg in names.items():
+        for hf, gg in LAYER_NAMES[arch].items():
             for kind in ("weight", "bias"):
-                key = f"model.layers.{i}.{hf}.{kind}"
-                if key not in sd:
-                    continue
-                used.add(key)
-                w = sd[key]
-                if arch == "llama" and gg in ("attn_q", "attn_k"):
-                    w = permute_for_llamacpp(w, n_head if gg == "attn_q" else n_kv)
-                yield f"blk.{i}.{gg}.{kind}", w
+                if f"model.layers.{i}.{hf}.{kind}" in sd:
+                    plan.append((f"blk.{i}.{gg}.{kind}", f"model.layers.{i}.{hf}.{kind}"))
+    used = {src for _, src in plan if isinstance(src, str)} | {"lm_head.weight"}
     left = sorted(k for k in sd if k not in used and "rotary_emb" not in k)
     if left:
         raise PhituneError(f"export: this {cfg.model_type} model has weights the {arch} GGUF layout has no place "
                            f"for ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''}); it cannot be exported")
+    heads = {"attn_q": cfg.num_attention_heads,
+             "attn_k": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
+    for name, src in plan:
+        w = src if not isinstance(src, str) else sd[src].detach().to(torch.float32).cpu().numpy()
+        gg = name.split(".")[-2]
+        if arch == "llama" and gg in heads:
+            w = permute_for_llamacpp(w, heads[gg])
+        yield name, w
 
 
 def encode_tensor(name, data, outtype):
@@ -116,7 +115,7 @@ def encode_tensor(name, data, outtype):
     """
     import gguf
     if data.ndim == 1 or outtype == "f32":
-        return data.astype(np.float32), None
+        return data.astype(np.float32, copy=False), None
     if outtype == "f16":
         return data.astype(np.float16), None
     qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
