@@ -30,7 +30,7 @@ def add_parser(p):
                         "a GGUF of the same base model")
     p.add_argument("--outtype", default="f16", choices=gguf_writer.OUTTYPES,
                    help="weight type: f32 and f16 keep the merged model's answers; q8_0/q4_0 are smaller and "
-                        "approximate (1-D tensors stay f32)")
+                        "approximate (1-D tensors stay f32; --format lora is always f32)")
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed merge logit difference")
     p.add_argument("--trust_remote_code", action="store_true")
@@ -143,6 +143,9 @@ def ollama_template(template):
         if "{{" in piece or '"""' in piece:
             raise PhituneError("export: the chat template's text contains '{{' or '\"\"\"', which a Modelfile "
                                "cannot carry")
+    # Text between the prompt and the answer (Phi-2's space) belongs to the answer's tokens in training, so it
+    # is written only for past answers: the model generates it itself, as it learned to.
+    answer_pre = "{{ if .Response }}" + answer_pre + "{{ end }}" if answer_pre else ""
     return ("{{ if .System }}" + pre_sys + "{{ .System }}" + sys_to_user + "{{ else }}" + pre_user + "{{ end }}"
             "{{ .Prompt }}" + post_user + answer_pre + "{{ .Response }}" + answer_post)
 
