@@ -249,10 +249,11 @@ def test_unsupported_architecture_is_refused(tmp_path, tiny_models, capsys):
     assert list(out.parent.iterdir()) == []
 
 
-def test_adapter_for_another_base_is_refused(exported, tiny_models, tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["gguf", "lora"])
+def test_adapter_for_another_base_is_refused(exported, tiny_models, tmp_path, capsys, fmt):
     out = tmp_path / "m.gguf"
     assert run_cli("export", "--adapter_path", exported["llama"]["adapter"], "--model", tiny_models["phi3"],
-                   "--output", out) == 2
+                   "--output", out, "--format", fmt) == 2
     assert "trained on a base with model_type=llama" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

@@ -152,7 +152,7 @@ def ollama_template(template):
 
 def modelfile(gguf_name, template, source):
     lines = [f"# Written by phitune export from {source}.",
-             f"# Create the model with: ollama create NAME -f Modelfile   (run it: ollama run NAME)",
+             "# Create the model with: ollama create NAME -f Modelfile   (run it: ollama run NAME)",
              f"FROM ./{gguf_name}",
              f'TEMPLATE """{ollama_template(template)}"""']
     if template.system_prompt:
@@ -174,6 +174,12 @@ def main(args):
         raise PhituneError(f"{args.adapter_path}: no base model recorded; pass --model")
     config = models.load_config(base_name, args.trust_remote_code)
     arch = gguf_writer.arch_for(config)  # refuse early
+    recorded = meta.get("base", {})
+    for key in ("model_type", "hidden_size", "num_hidden_layers"):
+        if recorded.get(key) is not None and recorded[key] != getattr(config, key, None):
+            raise PhituneError(f"{args.adapter_path}: adapter was trained on a base with {key}={recorded[key]}, but "
+                               f"{base_name} has {key}={getattr(config, key, None)}; pass the base it was trained "
+                               f"on with --model {recorded.get('model', '')}")
     if args.format == "lora":
         from phitune.gguf_lora import write_lora_gguf
         n = write_lora_gguf(out, args.adapter_path, config, _atomic_write)
