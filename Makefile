@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phitune-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup llamacpp demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -15,13 +15,20 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# llama.cpp for the export tests: node-llama-cpp's prebuilt linux-x64 CPU binaries (no build scripts run,
+# no GPU variants fetched).
+LLAMACPP := tools/llamacpp/node_modules/.package-lock.json
+llamacpp: $(LLAMACPP)
+$(LLAMACPP): tools/llamacpp/package-lock.json
+	cd tools/llamacpp && npm ci --ignore-scripts --omit=optional --no-audit --no-fund
+
 demo: setup
 	bash examples/demo.sh
 
-test: setup
+test: setup llamacpp
 	$(PY) -m pytest -q -ra
 
-test-fast: setup
+test-fast: setup llamacpp
 	$(PY) -m pytest -q -m "not slow"
 
 # Baselines (TRL) are installed only for the benchmark.

@@ -8,5 +8,8 @@ rm -rf runs/demo   # a fresh run each time (phitune train refuses to overwrite c
 $PHITUNE train --config examples/demo.yaml
 $PHITUNE compare --adapter_path runs/demo/final_adapter --questions examples/questions.yaml \
     --max_new_tokens 80 --report runs/demo/compare.md
+# One GGUF file for llama.cpp / Ollama (with a Modelfile beside it), checked before it is kept.
+$PHITUNE export --adapter_path runs/demo/final_adapter --format ollama --outtype q8_0 --output runs/demo/tuned.gguf
 echo
 echo "Next: .venv/bin/phitune chat --adapter_path runs/demo/final_adapter"
+echo "      llama-cli -m runs/demo/tuned.gguf -cnv   or   cd runs/demo && ollama create tuned -f Modelfile"

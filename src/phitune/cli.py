@@ -16,6 +16,7 @@ COMMANDS = {
     "compare": ("phitune.compare", "answer the same questions with the base model and adapters, side by side"),
     "eval": ("phitune.evaluate", "score base and adapters on held-out data: loss, perplexity, BLEU, chrF, ROUGE-L"),
     "merge": ("phitune.merge", "merge an adapter into its base model and save it for plain transformers"),
+    "export": ("phitune.export", "merge an adapter and write one GGUF file for llama.cpp / Ollama"),
     "serve": ("phitune.serve", "serve base and adapters over the OpenAI HTTP API"),
 }
 

@@ -22,12 +22,17 @@ def add_parser(p):
     p.add_argument("--trust_remote_code", action="store_true")
 
 
-def main(args):
-    meta = adapters.read_adapter_meta(args.adapter_path)
-    base_name = args.model or meta.get("base", {}).get("model")
+def merge_adapter(adapter_path, model=None, trust_remote_code=False):
+    """Load base + adapter in float32 and fold the adapter in.
+
+    Returns (merged model, tokenizer, template, base name, check prompt ids, base+adapter logits on them):
+    the last two let a caller check whatever it writes against the unmerged model.
+    """
+    meta = adapters.read_adapter_meta(adapter_path)
+    base_name = model or meta.get("base", {}).get("model")
     if not base_name:
-        raise PhituneError(f"{args.adapter_path}: no base model recorded; pass --model")
-    config = models.load_config(base_name, args.trust_remote_code)
+        raise PhituneError(f"{adapter_path}: no base model recorded; pass --model")
+    config = models.load_config(base_name, trust_remote_code)
     quant = getattr(config, "quantization_config", None)
     if quant and (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)):
         raise PhituneError(f"{base_name} is stored quantized ({quant}); merging into quantized weights loses the "
@@ -36,15 +41,21 @@ def main(args):
     if meta.get("training", {}).get("quantize"):
         print("phitune merge: the adapter was trained on a 4/8-bit base; merging into the full-precision base",
               file=sys.stderr)
-    tokenizer = models.load_tokenizer(base_name, args.trust_remote_code)
+    tokenizer = models.load_tokenizer(base_name, trust_remote_code)
     from phitune.templates import Template
     template = Template.from_meta(tokenizer, meta["template"]) if meta.get("template") else Template(tokenizer)
-    base = models.load_model(base_name, torch.float32, args.trust_remote_code).eval()
-    tuned = adapters.load_adapter(base, args.adapter_path, meta).eval()
+    base = models.load_model(base_name, torch.float32, trust_remote_code).eval()
+    tuned = adapters.load_adapter(base, adapter_path, meta).eval()
     ids = [template.encode_prompt([{"role": "user", "content": p}]) for p in CHECK_PROMPTS]
     with torch.no_grad():
         before = [tuned(input_ids=torch.tensor([x])).logits for x in ids]
         merged = tuned.merge_and_unload()
+    return merged, tokenizer, template, base_name, ids, before
+
+
+def main(args):
+    merged, tokenizer, template, base_name, ids, before = merge_adapter(args.adapter_path, args.model,
+                                                                        args.trust_remote_code)
     out = Path(args.output_dir)
 
     def write(tmp):

@@ -1,0 +1,62 @@
+"""The adapter alone as a GGUF LoRA file, for llama.cpp's `--lora` on a GGUF of the same base model.
+
+Tensors are named after the base tensor they change (`blk.N.attn_q.weight.lora_a` / `.lora_b`);
+llama.cpp adds `scale * alpha / r * B @ A` to that weight, as PEFT does. For the Llama family, B's rows
+get the same q/k re-ordering as the base weights in a GGUF.
+"""
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from phitune.errors import PhituneError
+from phitune.gguf_writer import LAYER_NAMES, arch_for, permute_for_llamacpp
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+
+
+def write_lora_gguf(path, adapter_path, config, write):
+    """Build the GGUF LoRA for `adapter_path` (trained on a base with `config`); write(tmp) callback style:
+    `write` is phitune.export's atomic writer. Returns the number of adapted matrices."""
+    import gguf
+    from safetensors.numpy import load_file
+    arch = arch_for(config)
+    adapter_path = Path(adapter_path)
+    cfg = json.loads((adapter_path / "adapter_config.json").read_text())
+    if cfg.get("use_dora"):
+        raise PhituneError(f"{adapter_path}: DoRA adapters have no llama.cpp LoRA equivalent; export the merged "
+                           f"model instead (--format gguf)")
+    if cfg.get("modules_to_save") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise PhituneError(f"{adapter_path}: adapters with modules_to_save or per-layer ranks cannot be written as "
+                           f"a llama.cpp LoRA; export the merged model instead (--format gguf)")
+    r, alpha = cfg["r"], float(cfg["lora_alpha"])
+    if cfg.get("use_rslora"):
+        alpha *= math.sqrt(r)  # PEFT scales rsLoRA by alpha/sqrt(r); llama.cpp always by alpha/r
+    names = LAYER_NAMES[arch]
+    pairs = {}
+    for key, value in load_file(str(adapter_path / "adapter_model.safetensors")).items():
+        m = _KEY.match(key)
+        if not m or m.group(2) not in names:
+            raise PhituneError(f"{adapter_path}: tensor {key} has no place in a llama.cpp {arch} LoRA")
+        pairs.setdefault((int(m.group(1)), names[m.group(2)]), {})[m.group(3)] = value.astype(np.float32)
+
+    def build(tmp):
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for (layer, name), ab in sorted(pairs.items()):
+            a, b = ab["A"], ab["B"]  # a: (r, n_in), b: (n_out, r)
+            if arch == "llama" and name in ("attn_q", "attn_k"):
+                heads = config.num_attention_heads if name == "attn_q" else config.num_key_value_heads
+                b = permute_for_llamacpp(b, heads)
+            w.add_tensor(f"blk.{layer}.{name}.weight.lora_a", a)
+            w.add_tensor(f"blk.{layer}.{name}.weight.lora_b", b)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    write(Path(path), build)
+    return len(pairs)
