@@ -51,3 +51,32 @@ def test_answer_loss_matches_cross_entropy(arch, autocast, monkeypatch):
     with torch.no_grad():
         again, _ = answer_loss(ids, torch.ones_like(ids), labels)
     assert again.item() == pytest.approx(total.item(), rel=1e-2)
+
+
+def _family_configs():
+    """Every model family phitune lists, as a tiny config (with Granite's and Cohere-style logit scaling)."""
+    import transformers
+    from phitune.adapters import FAMILIES, LLAMA_LIKE
+    names = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+             "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "olmo": "OlmoConfig", "olmo2": "Olmo2Config",
+             "granite": "GraniteConfig", "smollm3": "SmolLM3Config", "phi": "PhiConfig", "phi3": "Phi3Config"}
+    assert set(names) == set(FAMILIES) | LLAMA_LIKE  # a new family in the list needs a case here
+    common = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, max_position_embeddings=128, pad_token_id=0)
+    extra = {"granite": dict(logits_scaling=8.0, embedding_multiplier=2.0, residual_multiplier=0.5,
+                             attention_multiplier=0.3)}
+    return [(t, getattr(transformers, names[t])(**common, **extra.get(t, {}))) for t in sorted(names)]
+
+
+@pytest.mark.parametrize("model_type,config", _family_configs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_answer_loss_equals_the_models_own_loss_for_every_family(model_type, config):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    peft_model, _ = adapters.attach_lora(model, LoraArgs(lora_r=4, lora_dropout=0.0), seed=0)
+    ids = torch.randint(0, 300, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    with torch.no_grad():
+        want = _reference(peft_model, ids, labels, autocast=False)
+        got, _ = loss.AnswerLoss(peft_model)(ids, torch.ones_like(ids), labels)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)

@@ -71,12 +71,12 @@ class Loaded:
         self.model.set_adapter(name)
         return _nothing()
 
-    def request(self, prompt_ids, adapter=None, sampling=None, **extra) -> Request:
-        """An engine Request with this model's stop tokens and stop strings."""
+    def request(self, prompt_ids, adapter=None, sampling=None, stop_strings=(), **extra) -> Request:
+        """An engine Request with this model's stop tokens and stop strings (plus `stop_strings`)."""
         template = self.template_for(adapter)
-        return Request(list(prompt_ids), adapter=None if adapter in (None, "base") else adapter,
-                       sampling=sampling or Sampling(), stop_ids=template.stop_token_ids(),
-                       stop_strings=_stop_strings(template) + list(extra.pop("stop_strings", None) or []), **extra)
+        fields = dict(adapter=None if adapter in (None, "base") else adapter, sampling=sampling or Sampling(),
+                      stop_ids=template.stop_token_ids(), stop_strings=_stop_strings(template) + list(stop_strings))
+        return Request(list(prompt_ids), **{**fields, **extra})
 
 
 def _nothing():

@@ -30,9 +30,13 @@ class AnswerLoss(nn.Module):
         causal_lm = peft_model.get_base_model()
         self.decoder = causal_lm.get_decoder()
         self.head = causal_lm.get_output_embeddings()
-        # Models that post-process logits (soft-capping, scaling) go through their own forward.
+        # Logits that are the head's output times a constant (Granite divides by logits_scaling, Cohere
+        # multiplies by logit_scale) take the fast path with the hidden state scaled, which is the same for a
+        # head without bias; anything else the fast path cannot reproduce goes through the model's forward.
         cfg = causal_lm.config
-        self.fast = not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+        self.scale = 1.0 / getattr(cfg, "logits_scaling", 1.0) * (getattr(cfg, "logit_scale", None) or 1.0)
+        biased = getattr(self.head, "bias", None) is not None
+        self.fast = not (getattr(cfg, "final_logit_softcapping", None) or (self.scale != 1.0 and biased))
 
     def forward(self, input_ids, attention_mask, labels):
         targets = labels[:, 1:]
@@ -42,6 +46,8 @@ class AnswerLoss(nn.Module):
             return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden[:, :-1][keep]  # (N, d): only trained positions reach the head
+        if self.scale != 1.0:
+            hidden = hidden * self.scale
         wanted = targets[keep]
         head = self.head
         if type(head) is nn.Linear and not head.weight.requires_grad and \

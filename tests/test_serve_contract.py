@@ -1,0 +1,159 @@
+"""`phitune serve` in-process: stop strings, token usage, admission, errors mid-stream, key on every route."""
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from phitune import generate as gen
+from phitune.serve import build_app
+
+KEY = "k"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+RED = [{"role": "user", "content": "Say the code for red"}]
+
+
+@pytest.fixture(scope="module")
+def loaded(memorised_adapter):
+    return gen.load([f"tuned={memorised_adapter}"], precision="fp32")
+
+
+def client(loaded, **limits):
+    return TestClient(build_app(loaded, api_key=KEY, **limits))
+
+
+def sse(response):
+    """Parsed `data:` events of a streamed response, [DONE] excluded."""
+    events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_stop_string_split_across_pieces_is_cut(loaded):
+    with client(loaded) as c:
+        whole = c.post("/v1/chat/completions", headers=AUTH,
+                       json={"model": "tuned", "messages": RED, "temperature": 0, "stop": "for red"}).json()
+        assert whole["choices"][0]["message"]["content"] == "The code"
+        assert whole["choices"][0]["finish_reason"] == "stop"
+        with c.stream("POST", "/v1/chat/completions", headers=AUTH,
+                      json={"model": "tuned", "messages": RED, "temperature": 0, "stop": ["for red"],
+                            "stream": True}) as r:
+            events = sse(r)
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+        assert text == "The code "
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_usage_counts_generated_tokens(loaded):
+    with client(loaded) as c:
+        for stream in (False, True):
+            body = {"model": "base", "messages": RED, "temperature": 0, "max_tokens": 8, "stream": stream}
+            if stream:
+                with c.stream("POST", "/v1/chat/completions", headers=AUTH, json=body) as r:
+                    last = sse(r)[-1]
+            else:
+                last = c.post("/v1/chat/completions", headers=AUTH, json=body).json()
+            # the tiny random base never says its end-of-turn token within 8 tokens
+            assert last["usage"]["completion_tokens"] == 8
+            assert last["choices"][0]["finish_reason"] == "length"
+        tuned = c.post("/v1/chat/completions", headers=AUTH,
+                       json={"model": "tuned", "messages": RED, "temperature": 0, "max_tokens": 64}).json()
+        want = len(loaded.tokenizer("The code for red is one.", add_special_tokens=False)["input_ids"]) + 1
+        assert tuned["usage"]["completion_tokens"] == want  # the answer and its end-of-turn token
+
+
+def test_full_queue_is_a_429_before_the_stream_starts(loaded):
+    with client(loaded, max_queue=0) as c:
+        for stream in (False, True):
+            r = c.post("/v1/chat/completions", headers=AUTH,
+                       json={"model": "tuned", "messages": RED, "stream": stream})
+            assert r.status_code == 429
+            assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event(loaded, monkeypatch):
+    app = build_app(loaded, api_key=KEY)
+    engine = app.state.scheduler.engine
+    real, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the device fell over")
+        return real()
+    monkeypatch.setattr(engine, "step", failing_step)
+    with TestClient(app) as c:
+        with c.stream("POST", "/v1/chat/completions", headers=AUTH,
+                      json={"model": "base", "messages": RED, "temperature": 0, "max_tokens": 30,
+                            "stream": True}) as r:
+            assert r.status_code == 200
+            events = sse(r)
+        assert "the device fell over" in events[-1]["error"]["message"]
+        monkeypatch.setattr(engine, "step", real)  # the server goes on serving
+        ok = c.post("/v1/chat/completions", headers=AUTH, json={"model": "tuned", "messages": RED, "temperature": 0})
+        assert ok.json()["choices"][0]["message"]["content"] == "The code for red is one."
+
+
+def test_key_covers_every_route_but_health(loaded):
+    with client(loaded) as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/openapi.json").status_code == 401
+        assert c.get("/openapi.json", headers=AUTH).json()["info"]["title"] == "phitune"
+        assert c.get("/v1/models").status_code == 401
+
+
+def test_body_limit_holds_without_a_content_length(loaded):
+    with client(loaded, max_body_bytes=1000) as c:
+        chunks = (b"x" * 500 for _ in range(10))  # chunked transfer: the server learns the size as it reads
+        r = c.post("/v1/chat/completions", headers=AUTH, content=chunks)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_prompt_plus_max_tokens_never_exceeds_the_context(loaded):
+    context = loaded.model.config.max_position_embeddings
+    with client(loaded, max_prompt_tokens=10 * context) as c:
+        long = [{"role": "user", "content": "one two three " * (context // 3)}]
+        r = c.post("/v1/chat/completions", headers=AUTH, json={"model": "base", "messages": long, "max_tokens": 64})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_concurrent_mixed_requests_equal_serial_answers(loaded):
+    """8-32 clients, base and adapter mixed, bad requests among them: every good answer equals its serial answer."""
+    prompts = ["Say the code for red", "Say the code for blue", "one two three", "Say the code for gold"]
+    bodies = [{"model": m, "temperature": 0, "max_tokens": 16, "messages": [{"role": "user", "content": p}]}
+              for p in prompts for m in ("base", "tuned")]
+    with client(loaded) as c:
+        serial = [c.post("/v1/chat/completions", headers=AUTH, json=b).json()["choices"][0]["message"]["content"]
+                  for b in bodies]
+
+        def one(i):
+            if i % 5 == 4:
+                return None, c.post("/v1/chat/completions", headers=AUTH, json={"model": "tuned", "messages": []})
+            return i % len(bodies), c.post("/v1/chat/completions", headers=AUTH, json=bodies[i % len(bodies)])
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            results = list(pool.map(one, range(32)))
+    for k, r in results:
+        if k is None:
+            assert r.status_code == 400
+        else:
+            assert r.json()["choices"][0]["message"]["content"] == serial[k]
+
+
+def test_disconnected_stream_frees_its_row(loaded):
+    app = build_app(loaded, api_key=KEY)
+    scheduler = app.state.scheduler
+    with TestClient(app) as c:
+        with c.stream("POST", "/v1/chat/completions", headers=AUTH,
+                      json={"model": "base", "messages": RED, "max_tokens": 1000, "stream": True,
+                            "temperature": 0}) as r:
+            next(r.iter_lines())
+        deadline = time.time() + 10
+        while scheduler.active and time.time() < deadline:
+            time.sleep(0.05)
+        assert scheduler.active == 0
+        started = time.perf_counter()
+        ok = c.post("/v1/chat/completions", headers=AUTH, json={"model": "tuned", "messages": RED, "temperature": 0})
+        assert ok.json()["choices"][0]["message"]["content"] == "The code for red is one."
+        assert time.perf_counter() - started < 10
