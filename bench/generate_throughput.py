@@ -1,75 +1,216 @@
-"""Generation speed on the demo model: phitune's streaming and batched paths vs plain model.generate.
+"""Generation speed on the demo model, every figure in one run on one machine.
 
-    .venv/bin/python bench/generate_throughput.py [--prompts 64] [--max_new_tokens 48]
+    .venv/bin/python bench/generate_throughput.py [--questions 16] [--max_new_tokens 48]
 
-Single stream: decode tokens/s and time to first token of phitune's chat path vs one plain
-`model.generate` call. Batch: 64 E2E prompts answered greedily, phitune's left-padded batches (as compare
-and eval use) vs a plain generate loop one prompt at a time.
+1. Single stream, greedy, one adapter: phitune's chat path vs plain `model.generate` on the model with the
+   adapter attached as PEFT attaches it (fp32), interleaved prompt by prompt; medians of tokens/s and time to
+   first token. Beside it, llama.cpp (node-llama-cpp) on the same weights exported to GGUF, and on the
+   original Q4_1 file of the base model.
+2. compare/eval: base + two adapters over many questions, all models in the same batches vs one model at a
+   time (the previous way), same engine otherwise.
+3. serve: 8 concurrent streaming clients, base and adapter requests mixed, vs the same requests one at a
+   time; aggregate tokens/s, first-token latency (median, p95), and whether every answer equals its serial one.
+Writes bench/generate_throughput.json.
 """
 import argparse
 import csv
+import json
+import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from phitune import generate as gen
-from phitune import models
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
+sys.path.insert(0, str(ROOT / "tests"))
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv"
+
+def cpu_name():
+    from phitune.models import cpu_has_fast_bf16
+    name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                platform.processor())
+    return f"{name} ({'AVX512-BF16/AMX' if cpu_has_fast_bf16() else 'no native bf16'}), {torch.get_num_threads()} threads"
+
+
+def make_adapter(model_dir, out, seed):
+    """A random r16 all-linear adapter on the demo model, saved as phitune saves adapters."""
+    from test_engine import random_adapter
+    return random_adapter(model_dir, out, seed, "llama")
+
+
+def questions(n):
+    with open(DATA, newline="", encoding="utf-8") as fh:
+        mrs = list(dict.fromkeys(r["mr"] for r in csv.DictReader(fh)))[:n]
+    return [[{"role": "user", "content": f"Describe this restaurant in one sentence: {mr}"}] for mr in mrs]
+
+
+def single_stream(model_dir, adapter, convs, n_new):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from phitune import generate as gen
+    fast = gen.load([adapter], precision="auto", merge=True)  # what `phitune chat` runs
+    tok = fast.tokenizer
+    plain_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()
+    sampling = gen.Sampling(max_new_tokens=n_new)
+    rows = {"plain": [], "phitune": []}
+    for conv in [convs[0]] + convs:  # the first prompt warms both up and is not counted
+        ids = fast.template.encode_prompt(conv)
+        x = torch.tensor([ids])
+        first = []
+
+        class First:
+            def put(self, value):
+                first.append(time.perf_counter())
+
+            def end(self):
+                pass
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = plain_model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                                       max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=tok.pad_token_id,
+                                       streamer=First())
+        total = time.perf_counter() - t
+        plain = (out.shape[1] - x.shape[1], first[1] - t, total)  # put() #1 is the prompt, #2 the first token
+        req = fast.request(ids, None, sampling, stop_ids=[])  # same token count as plain: no early stop
+        t = time.perf_counter()
+        fast.engine.run([req], 1)
+        mine = (len(req.tokens), req.first_token_s, time.perf_counter() - t)
+        rows["plain"].append(plain)
+        rows["phitune"].append(mine)
+    rows = {k: v[1:] for k, v in rows.items()}
+    summary = {k: {"tokens_per_s": statistics.median(n / s for n, _, s in v),
+                   "first_token_ms": 1000 * statistics.median(f for _, f, _ in v), "runs": len(v)}
+               for k, v in rows.items()}
+    summary["speedup"] = summary["phitune"]["tokens_per_s"] / summary["plain"]["tokens_per_s"]
+    summary["weights"] = str(next(fast.model.parameters()).dtype)
+    return summary, fast
+
+
+def llamacpp(gguf, prompts_ids, n_new, threads):
+    runner = ROOT / "tools" / "llamacpp"
+    if not (runner / "node_modules").is_dir():
+        subprocess.run(["npm", "ci", "--ignore-scripts", "--omit=optional", "--no-audit", "--no-fund"], cwd=runner,
+                       check=True, capture_output=True)
+    request = {"model": str(gguf), "context": 1024, "threads": threads,
+               "generate": [{"ids": ids, "max_tokens": n_new} for ids in [prompts_ids[0]] + prompts_ids]}
+    r = subprocess.run(["node", str(runner / "run.mjs")], input=json.dumps(request), capture_output=True, text=True,
+                       check=True)
+    gens = json.loads(r.stdout)["generated"][1:]
+    return {"tokens_per_s": statistics.median(len(g["ids"]) / (g["ms_total"] / 1000) for g in gens),
+            "first_token_ms": statistics.median(g["ms_first"] for g in gens), "runs": len(gens),
+            "mean_tokens": statistics.mean(len(g["ids"]) for g in gens)}
+
+
+def compare_batching(model_dir, adapters, convs, n_new):
+    from phitune import generate as gen
+    loaded = gen.load([f"a={adapters[0]}", f"b={adapters[1]}"], precision="auto")
+    sampling = gen.Sampling(max_new_tokens=n_new)
+    columns = [None, "a", "b"]
+    gen.generate_jobs(loaded, [(convs[0], c, sampling) for c in columns])  # warm up
+    t = time.perf_counter()
+    together = gen.generate_jobs(loaded, [(c, col, sampling) for col in columns for c in convs], batch_size=16)
+    mixed_s = time.perf_counter() - t
+    t = time.perf_counter()
+    apart = [a for col in columns for a in gen.generate(loaded, convs, sampling, adapter=col, batch_size=16)]
+    apart_s = time.perf_counter() - t
+    tokens = sum(a.tokens for a in together)
+    return {"models": 3, "questions": len(convs), "tokens": tokens, "mixed_batches_s": mixed_s,
+            "one_model_at_a_time_s": apart_s, "speedup": apart_s / mixed_s,
+            "same_answers": [a.text for a in together] == [a.text for a in apart]}
+
+
+def server(model_dir, adapters, convs, n_new, clients=8):
+    from fastapi.testclient import TestClient
+    from phitune import generate as gen
+    from phitune.serve import build_app
+    loaded = gen.load([f"tuned={adapters[0]}"], precision="auto")
+    app = build_app(loaded, max_tokens_limit=1024)
+    bodies = [{"model": "base" if i % 2 else "tuned", "temperature": 0, "max_tokens": n_new, "stream": True,
+               "messages": convs[i % len(convs)]} for i in range(clients)]
+
+    def one(c, body):
+        began, first, text, tokens = time.perf_counter(), None, "", 0
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[6:])
+                    piece = event["choices"][0].get("delta", {}).get("content")
+                    if piece:
+                        first = first or time.perf_counter() - began
+                        text += piece
+                    if event.get("usage"):
+                        tokens = event["usage"]["completion_tokens"]
+        return text, tokens, first
+    with TestClient(app) as c:
+        one(c, bodies[0])  # warm up
+        t = time.perf_counter()
+        serial = [one(c, b) for b in bodies]
+        serial_s = time.perf_counter() - t
+        t = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            together = list(pool.map(lambda b: one(c, b), bodies))
+        together_s = time.perf_counter() - t
+    firsts = sorted(f for _, _, f in together)
+    tokens = sum(n for _, n, _ in together)
+    return {"clients": clients, "tokens": tokens, "concurrent_tokens_per_s": tokens / together_s,
+            "serial_tokens_per_s": sum(n for _, n, _ in serial) / serial_s,
+            "speedup": (tokens / together_s) / (sum(n for _, n, _ in serial) / serial_s),
+            "first_token_ms_median": 1000 * statistics.median(firsts),
+            "first_token_ms_p95": 1000 * firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))],
+            "same_answers_as_serial": [x[0] for x in together] == [x[0] for x in serial]}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--questions", type=int, default=16)
     ap.add_argument("--max_new_tokens", type=int, default=48)
-    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["single", "llamacpp", "compare", "serve"])
     args = ap.parse_args()
-    loaded = gen.load([], "smollm2-135m-instruct")
-    tok, model = loaded.tokenizer, loaded.model
-    with open(DATA, newline="", encoding="utf-8") as fh:
-        mrs = list(dict.fromkeys(r["mr"] for r in csv.DictReader(fh)))[:args.prompts]
-    convs = [[{"role": "user", "content": f"Describe this restaurant in one sentence: {mr}"}] for mr in mrs]
-    sampling = gen.Sampling(max_new_tokens=args.max_new_tokens)
-    stop = loaded.template.stop_token_ids()
-
-    def plain(conv):
-        ids = torch.tensor([loaded.template.encode_prompt(conv)])
-        with torch.no_grad(), models.autocast(loaded.device, loaded.autocast_dtype):
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=args.max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id)
-        return out.shape[1] - ids.shape[1]
-
-    # ---- single stream
-    plain(convs[0])
-    rates, ttfts, plain_rates = [], [], []
-    for conv in convs[:5]:
-        t = time.perf_counter()
-        n = plain(conv)
-        plain_rates.append(n / (time.perf_counter() - t))
-        t = time.perf_counter()
-        first, text = None, ""
-        for piece in gen.stream(loaded, conv, sampling):
-            first = first or time.perf_counter() - t
-            text += piece
-        total = time.perf_counter() - t
-        n = len(tok(text, add_special_tokens=False)["input_ids"])
-        ttfts.append(first)
-        rates.append(n / total)
-    print(f"single stream: phitune {statistics.median(rates):.1f} tok/s (time to first token "
-          f"{1000 * statistics.median(ttfts):.0f} ms) vs plain generate {statistics.median(plain_rates):.1f} tok/s")
-
-    # ---- batch
-    t = time.perf_counter()
-    plain_tokens = sum(plain(c) for c in convs)
-    plain_s = time.perf_counter() - t
-    t = time.perf_counter()
-    answers = gen.generate(loaded, convs, sampling, batch_size=args.batch_size)
-    batch_s = time.perf_counter() - t
-    batch_tokens = sum(a.tokens for a in answers)
-    print(f"batch of {len(convs)}: phitune {batch_tokens / batch_s:.1f} tok/s ({batch_s:.1f} s) vs one-at-a-time "
-          f"{plain_tokens / plain_s:.1f} tok/s ({plain_s:.1f} s): {plain_s / batch_s:.2f}x faster")
+    from phitune.models import _find_demo_gguf, provision_demo
+    model_dir = str(provision_demo())
+    convs = questions(args.questions)
+    result = {"cpu": cpu_name(), "torch": torch.__version__, "max_new_tokens": args.max_new_tokens}
+    print(f"machine: {result['cpu']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        adapters = [make_adapter(model_dir, tmp / f"adapter{i}", i) for i in (1, 2)]
+        if "single" not in args.skip:
+            result["single_stream"], fast = single_stream(model_dir, adapters[0], convs[:6], args.max_new_tokens)
+            s = result["single_stream"]
+            print(f"single stream: phitune {s['phitune']['tokens_per_s']:.1f} tok/s (first token "
+                  f"{s['phitune']['first_token_ms']:.0f} ms, weights {s['weights']}) vs plain generate with PEFT "
+                  f"{s['plain']['tokens_per_s']:.1f} tok/s (first token {s['plain']['first_token_ms']:.0f} ms): "
+                  f"{s['speedup']:.2f}x")
+            if "llamacpp" not in args.skip:
+                ids = [fast.template.encode_prompt(c) for c in convs[:6]]
+                merged = tmp / "tuned-f16.gguf"
+                subprocess.run([sys.executable, "-m", "phitune", "export", "--adapter_path", str(adapters[0]),
+                                "--outtype", "f16", "--output", str(merged)], check=True, capture_output=True)
+                with tempfile.TemporaryDirectory() as gdir:
+                    q4 = _find_demo_gguf(Path(gdir))
+                    result["llamacpp"] = {"tuned_f16": llamacpp(merged, ids, args.max_new_tokens, 2),
+                                          "base_q4_1": llamacpp(q4, ids, args.max_new_tokens, 2)}
+                for k, v in result["llamacpp"].items():
+                    print(f"llama.cpp {k} (2 threads): {v['tokens_per_s']:.1f} tok/s (first token "
+                          f"{v['first_token_ms']:.0f} ms, {v['mean_tokens']:.0f} tokens per answer)")
+        if "compare" not in args.skip:
+            c = result["compare"] = compare_batching(model_dir, adapters, convs, args.max_new_tokens)
+            print(f"compare, base + 2 adapters x {c['questions']} questions: mixed batches {c['mixed_batches_s']:.1f} s "
+                  f"vs one model at a time {c['one_model_at_a_time_s']:.1f} s: {c['speedup']:.2f}x "
+                  f"(same answers: {c['same_answers']})")
+        if "serve" not in args.skip:
+            v = result["serve"] = server(model_dir, adapters, convs, args.max_new_tokens)
+            print(f"serve, {v['clients']} concurrent streaming clients (base and adapter mixed): "
+                  f"{v['concurrent_tokens_per_s']:.1f} tok/s vs {v['serial_tokens_per_s']:.1f} one at a time: "
+                  f"{v['speedup']:.2f}x; first token median {v['first_token_ms_median']:.0f} ms, p95 "
+                  f"{v['first_token_ms_p95']:.0f} ms; same answers as serial: {v['same_answers_as_serial']}")
+    (ROOT / "bench" / "generate_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

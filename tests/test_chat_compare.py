@@ -160,3 +160,19 @@ def test_interactive_compare_repl(memorised_adapter, tmp_path):
     child.expect("question> ")
     child.sendeof()
     child.expect(pexpect.EOF)
+
+
+def test_every_command_takes_a_config_file(memorised_adapter, tmp_path):
+    """compare's settings from YAML, a flag on the command line winning; an unknown key is named."""
+    qfile = tmp_path / "q.yaml"
+    qfile.write_text("questions:\n  - Say the code for red\n")
+    cfg = tmp_path / "compare.yaml"
+    cfg.write_text(f"adapter_path: [{memorised_adapter}]\nquestions: {qfile}\nmax_new_tokens: 3\nno_color: true\n"
+                   f"precision: fp32\n")
+    result = subprocess.run(PHITUNE + ["compare", "--config", str(cfg), "--max_new_tokens", "30"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "The code for red is one." in result.stdout  # 30 tokens from the flag, not 3 from the file
+    cfg.write_text("adapter_path: [x]\nquestionz: q.yaml\n")
+    bad = subprocess.run(PHITUNE + ["compare", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "questionz: unknown key; did you mean questions?" in bad.stderr

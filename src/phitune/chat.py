@@ -9,7 +9,8 @@ import threading
 
 from phitune import generate as gen
 from phitune.errors import PhituneError
-from phitune.inference_args import add_model_args, add_sampling_args, sampling_from
+from phitune.config import add_arguments, settings
+from phitune.config_commands import ChatArgs, ChatSampling, OneModel
 
 HELP = """commands:
   /help            this list
@@ -21,16 +22,17 @@ HELP = """commands:
   /quit            leave (Ctrl-D works too); Ctrl-C stops an answer, not the session"""
 
 
+GROUPS = {"model": OneModel, "chat": ChatArgs, "sampling": ChatSampling}
+
+
 def add_parser(p):
-    add_model_args(p)
-    p.add_argument("--prompt", help="answer this one prompt and exit")
-    add_sampling_args(p, max_new_tokens=512)
-    p.set_defaults(temperature=0.7, top_p=0.9)
+    add_arguments(p, GROUPS)
 
 
 def main(args):
-    sampling = sampling_from(args)
-    paths = [args.adapter_path] if args.adapter_path else []
+    args = settings(args, GROUPS)
+    sampling = args.parts["sampling"].sampling()
+    paths = args.parts["model"].adapters
     # One adapter for the whole session: folded into the weights once, so a token costs what the base costs.
     loaded = gen.load(paths, args.model, args.system_prompt, args.trust_remote_code, args.precision, merge=True)
     adapter = loaded.first_adapter

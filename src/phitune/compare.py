@@ -16,20 +16,19 @@ import yaml
 
 from phitune import generate as gen
 from phitune.errors import PhituneError
-from phitune.inference_args import add_model_args, add_sampling_args, sampling_from
+from phitune.config import add_arguments, settings
+from phitune.config_commands import CompareArgs, Models, SamplingArgs
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")
 COLOURS = ("\033[36m", "\033[33m", "\033[32m", "\033[35m", "\033[34m")
 RESET, DIM, BOLD = "\033[0m", "\033[2m", "\033[1m"
 
 
+GROUPS = {"model": Models, "compare": CompareArgs, "sampling": SamplingArgs}
+
+
 def add_parser(p):
-    add_model_args(p, multiple_adapters=True)
-    p.add_argument("--questions", help="YAML file: questions: [text, or {prompt, expected, sampling...}]")
-    p.add_argument("--report", help="write the comparison to .md, .html or .jsonl")
-    p.add_argument("--batch_size", type=int, default=16, help="questions generated together in batch mode")
-    p.add_argument("--no_color", action="store_true", help="plain text output")
-    add_sampling_args(p)
+    add_arguments(p, GROUPS)
 
 
 def read_questions(path):
@@ -62,9 +61,8 @@ def read_questions(path):
 
 
 def main(args):
-    if args.batch_size < 1:
-        raise PhituneError("--batch_size must be >= 1")
-    sampling = sampling_from(args)
+    args = settings(args, GROUPS)
+    sampling = args.parts["sampling"].sampling()
     questions = read_questions(args.questions) if args.questions else None
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
     columns = [None] + list(loaded.adapters)  # None = base

@@ -169,7 +169,10 @@ def add_arguments(parser, groups=GROUPS):
             shown = " ".join(default) if isinstance(default, list) else default
             help_text = f"{f.metadata['help']} (default: {shown})"
             kw = dict(default=argparse.SUPPRESS, help=help_text)
-            if kind is bool:
+            flags = [f"--{f.name}", *f.metadata.get("aliases", ())]
+            if kind is list and f.metadata.get("repeat"):
+                group.add_argument(*flags, action="append", **kw)
+            elif kind is bool:
                 group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
             elif f.metadata.get("switch"):  # --name (= true), --no-name (= false) or --name VALUE
                 group.add_argument(f"--{f.name}", nargs="?", const="true", type=str.lower,
@@ -177,9 +180,9 @@ def add_arguments(parser, groups=GROUPS):
                 group.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const="false",
                                    default=argparse.SUPPRESS, help=f"same as --{f.name} false")
             elif kind is list:
-                group.add_argument(f"--{f.name}", nargs="+", **kw)
+                group.add_argument(*flags, nargs="+", **kw)
             else:
-                group.add_argument(f"--{f.name}", type=kind, choices=f.metadata.get("choices"), **kw)
+                group.add_argument(*flags, type=kind, choices=f.metadata.get("choices"), **kw)
     parser.add_argument("--config", help="YAML file of the same fields; flags given on the command line win")
 
 
@@ -216,8 +219,18 @@ def build_config(args, groups=GROUPS):
         for f in dataclasses.fields(cls):
             if f.name in values:
                 kwargs[f.name] = _coerce(f.name, values[f.name], _base_type(hints[f.name]), f)
+            elif f.metadata.get("required"):
+                raise ConfigError(f.name, "is required")
         parts[name] = cls(**kwargs)
     return parts
+
+
+def settings(args, groups):
+    """A command's typed, validated settings as one namespace (field -> value), plus each part by group name."""
+    import types
+    parts = build_config(args, groups)
+    flat = {k: v for part in parts.values() for k, v in dataclasses.asdict(part).items()}
+    return types.SimpleNamespace(**flat, parts=parts, _argv=getattr(args, "_argv", None))
 
 
 def _coerce(name, value, kind, f):

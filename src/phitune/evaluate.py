@@ -12,23 +12,21 @@ from pathlib import Path
 from phitune import data
 from phitune import generate as gen
 from phitune.errors import PhituneError
-from phitune.inference_args import add_model_args
+from phitune.config import add_arguments, settings
+from phitune.config_commands import EvalArgs, Models
 from phitune import models
 from phitune.loss import AnswerLoss, summed_loss
 
 
+GROUPS = {"model": Models, "eval": EvalArgs}
+
+
 def add_parser(p):
-    add_model_args(p, multiple_adapters=True)
-    p.add_argument("--data", required=True, help="JSONL test data (any training format)")
-    p.add_argument("--output", help="write all scores to this JSON file")
-    p.add_argument("--max_length", type=int, default=1024, help="longest example scored, in tokens")
-    p.add_argument("--batch_size", type=int, default=16, help="examples per forward / generation batch")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="longest generated answer")
-    p.add_argument("--no_generate", action="store_true", help="loss and perplexity only (fast)")
-    p.add_argument("--limit", type=int, help="score only the first N questions")
+    add_arguments(p, GROUPS)
 
 
 def main(args):
+    args = settings(args, GROUPS)
     records, fmt = data.read_jsonl(args.data)
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
     questions = group_questions(records)

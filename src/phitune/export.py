@@ -15,25 +15,19 @@ import torch
 
 from phitune import gguf_writer, merge, models
 from phitune.adapters import read_adapter_meta
+from phitune.config import add_arguments, settings
+from phitune.config_commands import ExportArgs
 from phitune.errors import PhituneError
 
 # Largest |dequantized - merged| / max|merged| per tensor the read-back check accepts, per out type.
 READBACK_TOL = {"f32": 0.0, "f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2, "q4_0": 0.15}
 
 
+GROUPS = {"export": ExportArgs}
+
+
 def add_parser(p):
-    p.add_argument("--adapter_path", required=True, help="adapter directory to merge and export")
-    p.add_argument("--output", required=True, help="GGUF file to write, e.g. model.gguf")
-    p.add_argument("--format", default="gguf", choices=("gguf", "ollama", "lora"),
-                   help="gguf: the merged model as one GGUF file; ollama: that file and an Ollama Modelfile "
-                        "beside it; lora: the adapter alone as a GGUF LoRA for llama.cpp's --lora, applied to "
-                        "a GGUF of the same base model")
-    p.add_argument("--outtype", default="f16", choices=gguf_writer.OUTTYPES,
-                   help="weight type: f32 and f16 keep the merged model's answers; q8_0/q4_0 are smaller and "
-                        "approximate (1-D tensors stay f32; --format lora is always f32)")
-    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed merge logit difference")
-    p.add_argument("--trust_remote_code", action="store_true")
+    add_arguments(p, GROUPS)
 
 
 def _check_output(path):
@@ -166,6 +160,7 @@ def modelfile(gguf_name, template, source):
 # ---------------------------------------------------------------- command
 
 def main(args):
+    args = settings(args, GROUPS)
     out = Path(args.output).expanduser()
     _check_output(out)
     meta = read_adapter_meta(args.adapter_path)

@@ -7,19 +7,18 @@ import torch
 
 from phitune import adapters, models
 from phitune.checkpoints import atomic_dir
+from phitune.config import add_arguments, settings
+from phitune.config_commands import MergeArgs
 from phitune.errors import PhituneError
 
 CHECK_PROMPTS = ["Hello, how are you?", "Write one sentence about the sea.", "1 2 3 4 5"]
 
 
+GROUPS = {"merge": MergeArgs}
+
+
 def add_parser(p):
-    p.add_argument("--adapter_path", required=True, help="adapter directory to merge")
-    p.add_argument("--output_dir", required=True, help="where the merged model is written")
-    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the saved weights (the check runs in float32 first)")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed logit difference")
-    p.add_argument("--trust_remote_code", action="store_true")
+    add_arguments(p, GROUPS)
 
 
 def merge_adapter(adapter_path, model=None, trust_remote_code=False):
@@ -54,6 +53,7 @@ def merge_adapter(adapter_path, model=None, trust_remote_code=False):
 
 
 def main(args):
+    args = settings(args, GROUPS)
     merged, tokenizer, template, base_name, ids, before = merge_adapter(args.adapter_path, args.model,
                                                                         args.trust_remote_code)
     out = Path(args.output_dir)

@@ -14,27 +14,22 @@ import time
 from phitune import __version__
 from phitune import generate as gen
 from phitune import serve_api as api
-from phitune.inference_args import add_model_args
+from phitune.config import add_arguments, settings
+from phitune.config_commands import Models, ServeArgs
 from phitune.scheduler import Busy, Scheduler
 
-LIMITS_HELP = "request limits (each over-limit request gets a 4xx error in OpenAI's shape)"
+
+
+GROUPS = {"model": Models, "serve": ServeArgs}
 
 
 def add_parser(p):
-    add_model_args(p, multiple_adapters=True)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", "--api_key", dest="api_key", help="require 'Authorization: Bearer KEY' on every request")
-    g = p.add_argument_group("limits", LIMITS_HELP)
-    g.add_argument("--max_tokens_limit", type=int, default=1024, help="largest max_tokens a request may ask for")
-    g.add_argument("--max_prompt_tokens", type=int, default=None, help="longest prompt (default: context - max_tokens)")
-    g.add_argument("--max_body_bytes", type=int, default=1_000_000, help="largest request body")
-    g.add_argument("--max_queue", type=int, default=64, help="requests waiting at once; more get 429")
-    g.add_argument("--max_batch", type=int, default=16, help="requests generated together in one batch")
+    add_arguments(p, GROUPS)
 
 
 def main(args):
     import uvicorn
+    args = settings(args, GROUPS)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"phitune serve: warning: listening on {args.host} without --api-key; anyone who can reach this "
               f"port can use the model", file=sys.stderr)

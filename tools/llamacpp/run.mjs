@@ -5,7 +5,8 @@
 //    "tokenize_plain": ["text", ...],           -> "tokens_plain": [[ids], ...] (special-token text kept as text)
 //    "generate": [{"ids": [...], "max_tokens": 20}, ...]
 //                                              -> "generated": [{"ids": [...], "text": "...", "stopped": bool}]
-//                                                 greedy; stopped = ended on an end-of-generation token by itself
+//                                                 greedy; stopped = ended on an end-of-generation token by itself;
+//                                                 ms_first / ms_total: time to the first token / to the end
 //    "chat": ["user message", ...]             -> "chat": [{"text": "...", "wrapper": "..."}]
 //                                                 one-turn chats through node-llama-cpp's chat session, using
 //                                                 the chat template stored in the file; greedy
@@ -34,7 +35,10 @@ if ((req.generate ?? []).length || (req.probs ?? []).length || (req.chat ?? []).
         await sequence.clearHistory();
         const ids = [];
         let stopped = true;
+        const began = performance.now();
+        let first = null;
         for await (const token of sequence.evaluate(g.ids, {temperature: 0})) {
+            first ??= performance.now() - began;
             if (ids.length >= (g.max_tokens ?? 20)) { stopped = false; break; }
             if (model.isSpecialToken(token) && [model.tokens.eos, model.tokens.eot].includes(token)) {
                 ids.push(token);
@@ -42,7 +46,8 @@ if ((req.generate ?? []).length || (req.probs ?? []).length || (req.chat ?? []).
             }
             ids.push(token);
         }
-        out.generated.push({ids, text: model.detokenize(ids), stopped});
+        out.generated.push({ids, text: model.detokenize(ids), stopped, ms_first: first,
+                            ms_total: performance.now() - began});
     }
     for (const ids of req.probs ?? []) {
         await sequence.clearHistory();

@@ -1,0 +1,150 @@
+"""Typed configuration of the commands that use a trained adapter: chat, compare, eval, serve, merge, export.
+
+Same rules as training's config.py: each field is a flag and a `--config` YAML key, documented once,
+validated in __post_init__ with a message that names the field; flags given on the command line win.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+from phitune.config import opt
+from phitune.engine import Sampling
+from phitune.errors import ConfigError
+from phitune.gguf_writer import OUTTYPES
+
+PRECISIONS = ("auto", "bf16", "fp32", "fp16")
+
+
+@dataclass
+class Models:
+    """The base model and the adapters to load (compare, eval, serve)."""
+    adapter_path: list = opt([], "adapter directory (a run's final_adapter/), or NAME=DIR; repeat for several",
+                             repeat=True)
+    model: Optional[str] = opt(None, "base model (default: the one the adapter was trained on)")
+    system_prompt: Optional[str] = opt(None, "system prompt for every model (default: the one each adapter "
+                                             "recorded; none for the base)")
+    trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code")
+    precision: str = opt("auto", "auto | bf16 | fp32 | fp16: weights for generation (auto: bf16 where the "
+                                 "hardware computes it natively)", choices=PRECISIONS)
+
+
+@dataclass
+class OneModel(Models):
+    """One adapter, or the base alone (chat)."""
+    adapter_path: Optional[str] = opt(None, "adapter directory (a run's final_adapter/); omit for the base")
+
+    @property
+    def adapters(self) -> list:
+        return [self.adapter_path] if self.adapter_path else []
+
+
+@dataclass
+class SamplingArgs:
+    temperature: float = opt(0.0, "0 = greedy (reproducible)")
+    top_p: float = opt(1.0, "nucleus sampling threshold, in (0, 1]")
+    top_k: int = opt(0, "sample from the k most likely tokens (0 = off)")
+    max_new_tokens: int = opt(256, "longest answer in tokens")
+    repetition_penalty: float = opt(1.0, "> 1 discourages repeats")
+    seed: Optional[int] = opt(None, "seed for sampling (a random one is drawn and recorded when sampling)")
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ConfigError("top_k" if self.top_k < 0 else "repetition_penalty", "must be positive")
+
+    def sampling(self) -> Sampling:
+        seed = self.seed
+        if self.temperature > 0 and seed is None:
+            seed = random.randrange(2**31)
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty, seed)
+
+
+@dataclass
+class ChatSampling(SamplingArgs):
+    temperature: float = opt(0.7, "0 = greedy (reproducible)")
+    top_p: float = opt(0.9, "nucleus sampling threshold, in (0, 1]")
+    max_new_tokens: int = opt(512, "longest answer in tokens")
+
+
+@dataclass
+class ChatArgs:
+    prompt: Optional[str] = opt(None, "answer this one prompt and exit")
+
+
+@dataclass
+class CompareArgs:
+    questions: Optional[str] = opt(None, "YAML file: questions: [text, or {prompt, expected, sampling...}]")
+    report: Optional[str] = opt(None, "write the comparison to .md, .html or .jsonl")
+    batch_size: int = opt(16, "answers generated together (all models share the batches)")
+    no_color: bool = opt(False, "plain text output")
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class EvalArgs:
+    data: Optional[str] = opt(None, "JSONL test data (any training format)", required=True)
+    output: Optional[str] = opt(None, "write all scores to this JSON file")
+    max_length: int = opt(1024, "longest example scored, in tokens")
+    batch_size: int = opt(16, "examples per forward / generation batch")
+    max_new_tokens: int = opt(128, "longest generated answer")
+    no_generate: bool = opt(False, "loss and perplexity only (fast)")
+    limit: Optional[int] = opt(None, "score only the first N questions")
+
+    def __post_init__(self):
+        for name in ("max_length", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ServeArgs:
+    host: str = opt("127.0.0.1", "interface to bind (default: localhost only)")
+    port: int = opt(8000, "TCP port")
+    api_key: Optional[str] = opt(None, "require 'Authorization: Bearer KEY' on every route but /health",
+                                 aliases=("--api-key",))
+    max_tokens_limit: int = opt(1024, "largest max_tokens a request may ask for")
+    max_prompt_tokens: Optional[int] = opt(None, "longest prompt (never more than context - max_tokens)")
+    max_body_bytes: int = opt(1_000_000, "largest request body")
+    max_queue: int = opt(64, "requests waiting at once; more get 429")
+    max_batch: int = opt(16, "requests generated together in one batch")
+
+    def __post_init__(self):
+        for name in ("max_tokens_limit", "max_body_bytes", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class MergeArgs:
+    adapter_path: Optional[str] = opt(None, "adapter directory to merge", required=True)
+    output_dir: Optional[str] = opt(None, "where the merged model is written", required=True)
+    model: Optional[str] = opt(None, "base model (default: the one the adapter was trained on)")
+    dtype: str = opt("float32", "dtype of the saved weights (the check runs in float32 first)",
+                     choices=("float32", "bfloat16", "float16"))
+    tolerance: float = opt(1e-3, "largest allowed logit difference")
+    trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code")
+
+
+@dataclass
+class ExportArgs:
+    adapter_path: Optional[str] = opt(None, "adapter directory to merge and export", required=True)
+    output: Optional[str] = opt(None, "GGUF file to write, e.g. model.gguf", required=True)
+    format: str = opt("gguf", "gguf: the merged model as one GGUF file; ollama: that file and an Ollama Modelfile "
+                              "beside it; lora: the adapter alone as a GGUF LoRA for llama.cpp's --lora",
+                      choices=("gguf", "ollama", "lora"))
+    outtype: str = opt("f16", "weight type: f32 and f16 keep the merged model's answers; bf16, q8_0 and q4_0 are "
+                              "smaller and approximate (1-D tensors stay f32; --format lora is always f32)",
+                       choices=OUTTYPES)
+    model: Optional[str] = opt(None, "base model (default: the one the adapter was trained on)")
+    tolerance: float = opt(1e-3, "largest allowed merge logit difference")
+    trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code")
