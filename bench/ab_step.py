@@ -1,12 +1,15 @@
 """Two training set-ups of the demo model in one process, stepping in turn on the same batches.
 
     .venv/bin/python bench/ab_step.py --a lora=fused,attention=phitune --b lora=peft,attention=eager
+    .venv/bin/python bench/ab_step.py --a lora=fused,attention=eager,precision=fp32 \
+                                      --b lora=peft,attention=eager,precision=fp32
 
 On a shared machine whose speed drifts +-30% from minute to minute, separate runs cannot resolve a 10%
 change; alternating steps in one process can: the median of the per-step ratios is the figure to quote.
 Each side: lora = fused (phitune's CPU LoRA layer) | peft (PEFT's LoRA with phitune's dropout masks) |
-peft-dropout (PEFT's LoRA as is); attention = phitune | eager | sdpa. LoRA r=16 on all linear layers,
-dropout 0.05, bf16 autocast, batches of 16 of the first 512 E2E pairs in shuffled length groups.
+peft-dropout (PEFT's LoRA as is); attention = phitune | eager | sdpa; precision = bf16 (autocast, the
+default) | fp32 (no autocast, as on CPUs without native bf16). LoRA r=16 on all linear layers,
+dropout 0.05, batches of 16 of the first 512 E2E pairs in shuffled length groups.
 """
 import argparse
 import random
@@ -31,9 +34,10 @@ def main():
     rates = {"a": [], "b": []}
     for i, b in enumerate(batches[:args.steps]):
         batch = data.collate([examples[j] for j in b], tok.pad_token_id)
-        for side, (loss_model, optimizer) in sides.items():
+        for side in ("a", "b") if i % 2 == 0 else ("b", "a"):  # neither side always runs first
+            setup = sides[side]
             start = time.perf_counter()
-            tokens = train_step(loss_model, optimizer, batch)
+            tokens = train_step(setup, batch)
             if i >= 2:
                 rates[side].append(tokens / (time.perf_counter() - start))
     med = lambda xs: sorted(xs)[len(xs) // 2]

@@ -123,7 +123,7 @@ def train(cfg):
     model, targets = adapters.attach_lora(model, cfg.lora, seed=t.seed)
     # PEFT's generic LoRA path spent more time in casts, dropout draws and scaling than in matmuls on
     # CPU (docs/benchmarks.md); bf16 runs get one fused layer, fp32 runs the cheaper dropout.
-    fused = use_fused_lora(model, fuse=cpu_bf16) if device.type == "cpu" else 0
+    fused = use_fused_lora(model, autocast_dtype or weights_dtype) if device.type == "cpu" else 0
     lines, n_trainable = adapters.trainable_summary(model, targets)
     log(accelerator, f"model: {cfg.model.model} ({models.describe(model.get_base_model())}) on {device}, "
                      f"weights {str(weights_dtype)[6:]}, compute {str(autocast_dtype or weights_dtype)[6:]}"
