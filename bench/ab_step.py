@@ -13,6 +13,7 @@ dropout 0.05, batches of 16 of the first 512 E2E pairs in shuffled length groups
 """
 import argparse
 import random
+import sys
 import time
 
 from phitune import data, models
@@ -40,6 +41,8 @@ def main():
             tokens = train_step(setup, batch)
             if i >= 2:
                 rates[side].append(tokens / (time.perf_counter() - start))
+        if i >= 2:
+            print(f"step {i}: a {rates['a'][-1]:.0f}, b {rates['b'][-1]:.0f} tokens/s", file=sys.stderr, flush=True)
     med = lambda xs: sorted(xs)[len(xs) // 2]
     ratios = [a / b for a, b in zip(rates["a"], rates["b"])]
     print(f"a ({args.a}): median {med(rates['a']):.0f} tokens/s\nb ({args.b}): median {med(rates['b']):.0f} "

@@ -8,6 +8,7 @@ and eval use) vs a plain generate loop one prompt at a time.
 """
 import argparse
 import csv
+import os
 import statistics
 import time
 from pathlib import Path
@@ -17,7 +18,10 @@ import torch
 from phitune import generate as gen
 from phitune import models
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv"
+# The E2E dev set sits in shared/ beside the checkout (or beside the folder of worktrees); E2E_CSV overrides.
+DATA = Path(os.environ.get("E2E_CSV") or next(
+    (p / "shared" / "data" / "e2e" / "devset.csv" for p in Path(__file__).resolve().parents[1:]
+     if (p / "shared" / "data" / "e2e" / "devset.csv").is_file()), "../shared/data/e2e/devset.csv"))
 
 
 def main():

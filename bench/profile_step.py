@@ -12,6 +12,7 @@ dropout masks, or PEFT's layer as is. bench/ab_step.py builds its two set-ups wi
 """
 import argparse
 import csv
+import os
 import resource
 import time
 from pathlib import Path
@@ -25,7 +26,10 @@ from phitune.cpu_lora import use_fused_lora
 from phitune.loss import AnswerLoss
 from phitune.templates import Template
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv"
+# The E2E dev set sits in shared/ beside the checkout (or beside the folder of worktrees); E2E_CSV overrides.
+DATA = Path(os.environ.get("E2E_CSV") or next(
+    (p / "shared" / "data" / "e2e" / "devset.csv" for p in Path(__file__).resolve().parents[1:]
+     if (p / "shared" / "data" / "e2e" / "devset.csv").is_file()), "../shared/data/e2e/devset.csv"))
 MODEL = "smollm2-135m-instruct"
 
 
