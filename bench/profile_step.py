@@ -8,7 +8,8 @@ Batches of 16 of the first 512 E2E pairs (length-grouped), LoRA r=16 on all line
 bf16 autocast (--precision fp32: fp32 compute without autocast, as phitune trains on CPUs without native
 bf16; attention then eager or sdpa, phitune's attention being bf16). Prints the median tokens/s over
 6 steps and the peak RSS; --profile adds a torch.profiler table of two more steps. --lora: phitune's
-fused CPU layer, PEFT's layer with phitune's dropout masks, or PEFT's layer as is. bench/ab_step.py builds its two set-ups with the same functions.
+fused CPU layer, PEFT's layer with phitune's dropout masks, or PEFT's layer as is. bench/ab_step.py
+builds its two set-ups with the same functions.
 """
 import argparse
 import csv
