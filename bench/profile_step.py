@@ -1,15 +1,19 @@
 """Profile LoRA training steps on the demo model (the measurements behind docs/benchmarks.md).
 
-    .venv/bin/python bench/profile_step.py [--weights fp32|bf16] [--attention phitune|eager|sdpa]
-                                           [--lora fused|peft|peft-dropout] [--compile] [--profile]
+    .venv/bin/python bench/profile_step.py [--precision bf16|fp32] [--weights fp32|bf16]
+                                           [--attention phitune|eager|sdpa] [--lora fused|peft|peft-dropout]
+                                           [--compile] [--profile]
 
 Batches of 16 of the first 512 E2E pairs (length-grouped), LoRA r=16 on all linear layers, dropout 0.05,
-bf16 autocast. Prints the median tokens/s over 6 steps and the peak RSS; --profile adds a
-torch.profiler table of two more steps. --lora: phitune's fused CPU layer, PEFT's layer with phitune's
-dropout masks, or PEFT's layer as is. bench/ab_step.py builds its two set-ups with the same functions.
+bf16 autocast (--precision fp32: fp32 compute without autocast, as phitune trains on CPUs without native
+bf16; attention then eager or sdpa, phitune's attention being bf16). Prints the median tokens/s over
+6 steps and the peak RSS; --profile adds a torch.profiler table of two more steps. --lora: phitune's
+fused CPU layer, PEFT's layer with phitune's dropout masks, or PEFT's layer as is. bench/ab_step.py
+builds its two set-ups with the same functions.
 """
 import argparse
 import csv
+import os
 import resource
 import time
 from pathlib import Path
@@ -23,7 +27,10 @@ from phitune.cpu_lora import use_fused_lora
 from phitune.loss import AnswerLoss
 from phitune.templates import Template
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv"
+# The E2E dev set sits in shared/ beside the checkout (or beside the folder of worktrees); E2E_CSV overrides.
+DATA = Path(os.environ.get("E2E_CSV") or next(
+    (p / "shared" / "data" / "e2e" / "devset.csv" for p in Path(__file__).resolve().parents[1:]
+     if (p / "shared" / "data" / "e2e" / "devset.csv").is_file()), "../shared/data/e2e/devset.csv"))
 MODEL = "smollm2-135m-instruct"
 
 
@@ -35,8 +42,12 @@ def e2e_examples(tokenizer, n=512):
     return data.encode_records(records, Template(tokenizer), 512)[0]
 
 
-def build(lora="fused", attention="phitune", weights="fp32"):
-    """(loss model, optimizer) for the demo model with the given LoRA layer and attention."""
+def build(lora="fused", attention="phitune", weights="fp32", precision="bf16"):
+    """(loss model, optimizer, autocast dtype or None) for the demo model with the given LoRA layer,
+    attention and compute precision."""
+    if precision == "fp32" and (attention == "phitune" or weights == "bf16"):
+        raise SystemExit("--precision fp32 computes in fp32: use --attention eager or sdpa and fp32 weights")
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
     model = models.load_model(MODEL, torch.bfloat16 if weights == "bf16" else torch.float32)
     model.config.use_cache = False
     if attention == "phitune":
@@ -48,14 +59,15 @@ def build(lora="fused", attention="phitune", weights="fp32"):
         if p.requires_grad:
             p.data = p.data.float()
     if lora != "peft-dropout":
-        use_fused_lora(peft_model, fuse=lora == "fused")
+        use_fused_lora(peft_model, compute if lora == "fused" else None)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
-    return AnswerLoss(peft_model), optimizer
+    return AnswerLoss(peft_model), optimizer, (torch.bfloat16 if precision == "bf16" else None)
 
 
-def train_step(loss_model, optimizer, batch):
-    """One optimizer step under bf16 autocast; returns the tokens it trained on."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def train_step(setup, batch):
+    """One optimizer step of a build() set-up (under its autocast, if any); returns the tokens trained on."""
+    loss_model, optimizer, autocast = setup
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         loss, n = loss_model(**batch)
     (loss / n).backward()
     optimizer.step()
@@ -65,6 +77,7 @@ def train_step(loss_model, optimizer, batch):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="compute precision")
     ap.add_argument("--weights", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--attention", default="phitune", choices=("sdpa", "eager", "phitune"))
     ap.add_argument("--lora", default="fused", choices=("fused", "peft", "peft-dropout"))
@@ -73,14 +86,15 @@ def main():
     args = ap.parse_args()
     tok = models.load_tokenizer(MODEL)
     examples = e2e_examples(tok)
-    loss_model, opt = build(args.lora, args.attention, args.weights)
+    setup = build(args.lora, args.attention, args.weights, args.precision)
+    loss_model = setup[0]
     if args.compile:
         for layer in loss_model.decoder.layers:
             layer.compile(dynamic=True)
     batches = data.length_grouped_batches([len(e["input_ids"]) for e in examples], 16, 0, 0)
 
     def step(b):
-        return train_step(loss_model, opt, data.collate([examples[i] for i in b], tok.pad_token_id))
+        return train_step(setup, data.collate([examples[i] for i in b], tok.pad_token_id))
 
     for b in batches[:3]:  # warm-up (and compilation)
         step(b)

@@ -1,11 +1,16 @@
 """Training throughput: phitune vs the seed's way (Trainer, padded, fp32) vs TRL's SFTTrainer, same work.
 
     make bench            # or: .venv/bin/python bench/train_throughput.py [--steps 6] [--only phitune]
+                          #         [--precision auto|bf16|fp32]
 
 Demo model (SmolLM2-135M-Instruct), LoRA r=16 on all linear layers (dropout 0.05, alpha 32), the first
 512 pairs of the E2E dev set (prompt = mr, answer = ref, the model's chat template), loss on the answer,
 max_length 512, effective batch 16, no gradient checkpointing, a fixed number of optimizer steps. Each
 system runs in its own process (so peak memory is its own); the first step is excluded from the speed.
+Compute precision (--precision auto): bf16 on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on the others
+(AVX2 only, where bf16 is emulated), for TRL and phitune alike; the seed's way is fp32. The report names
+the CPU kind and, for each system, the paths its training step took (compute dtype, attention kernel,
+LoRA layers on phitune's fused path, gradient checkpointing), observed on the model as it ran.
 Needs requirements-bench.txt (TRL) installed.
 """
 import argparse
@@ -22,7 +27,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
+# The E2E dev set sits in shared/ beside the checkout (or beside the folder of worktrees); E2E_CSV overrides.
+DATA = Path(os.environ.get("E2E_CSV") or next(
+    (p / "shared" / "data" / "e2e" / "devset.csv" for p in Path(__file__).resolve().parents[1:]
+     if (p / "shared" / "data" / "e2e" / "devset.csv").is_file()), "../shared/data/e2e/devset.csv"))
 MODEL = "smollm2-135m-instruct"
 LORA = dict(r=16, alpha=32, dropout=0.05)
 EFFECTIVE_BATCH, MAX_LENGTH, LR = 16, 512, 2e-4
@@ -40,7 +48,58 @@ def rss_peak_mib():
 
 # ------------------------------------------------------------------ baselines on transformers.Trainer
 
-def trainer_run(kind, steps):
+def cpu_kind():
+    """The CPU's name, its bf16-related flags, and the kind phitune's precision policy sees."""
+    from phitune.models import cpu_has_fast_bf16
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        info = ""
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
+                platform.processor() or platform.machine())
+    words = set(info.split())
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in words]
+    kind = "AVX512-BF16/AMX: bf16 compute" if cpu_has_fast_bf16() else "no native bf16 (AVX2): fp32 compute"
+    return {"name": name, "flags": flags, "kind": kind, "cpus": os.cpu_count()}
+
+
+def compute_bf16(precision):
+    from phitune.models import cpu_has_fast_bf16
+    return precision == "bf16" or (precision == "auto" and cpu_has_fast_bf16())
+
+
+class PathsTaken:
+    """Records, at the first forward of a transformers model during training, which paths it runs on."""
+
+    def __init__(self):
+        self.paths = None
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_pre_hook
+        self.handle = register_module_forward_pre_hook(self.hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def hook(self, module, args):
+        import torch
+        from transformers import PreTrainedModel
+        if self.paths is not None or not isinstance(module, PreTrainedModel) or not module.training:
+            return
+        lora = [m for m in module.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        autocast = torch.is_autocast_enabled("cpu")
+        self.paths = {
+            "compute": str(torch.get_autocast_dtype("cpu") if autocast else module.dtype)[6:],
+            "attention": module.config._attn_implementation,
+            "lora_layers": len(lora),
+            "fused_lora_layers": sum(hasattr(m, "_phitune_fused") for m in lora),
+            "gradient_checkpointing": any(getattr(m, "gradient_checkpointing", False) for m in module.modules()),
+        }
+        self.handle.remove()
+
+
+def trainer_run(kind, steps, bf16=True):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import TrainerCallback
@@ -104,7 +163,7 @@ def trainer_run(kind, steps):
         packing = kind in ("trl-packed", "trl-packed-nockpt")
         args = SFTConfig(output_dir=out, per_device_train_batch_size=16 if not packing else 4,
                          gradient_accumulation_steps=1 if not packing else 1, max_steps=steps, learning_rate=LR,
-                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=True, seed=0,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16, seed=0,
                          lr_scheduler_type="cosine", warmup_steps=0, max_length=MAX_LENGTH, packing=packing,
                          completion_only_loss=True, dataloader_num_workers=0, disable_tqdm=True,
                          gradient_checkpointing=not kind.endswith("nockpt"),  # TRL's default is on
@@ -132,7 +191,7 @@ def trainer_run(kind, steps):
 
 # ------------------------------------------------------------------ phitune, through its CLI
 
-def phitune_run(steps, checkpointing=False):
+def phitune_run(steps, checkpointing=False, precision="auto"):
     from phitune.cli import main
     tmp = Path(tempfile.mkdtemp(prefix="bench-phitune-"))
     data = tmp / "e2e512.jsonl"
@@ -144,7 +203,7 @@ def phitune_run(steps, checkpointing=False):
             "--max_length", str(MAX_LENGTH), "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]),
             "--lora_dropout", str(LORA["dropout"]), "--learning_rate", str(LR), "--warmup_ratio", "0",
             "--val_split", "0", "--gradient_checkpointing" if checkpointing else "--no-gradient_checkpointing",
-            "--save_steps", "100000", "--seed", "0"]
+            "--save_steps", "100000", "--seed", "0", "--precision", precision]
     start = time.perf_counter()
     try:
         main(argv)
@@ -186,16 +245,18 @@ def flops_per_token(mean_len):
     return 4 * n + 6 * L * mean_len * d, n
 
 
-def child(system, steps):
-    if system.startswith("phitune"):
-        result = phitune_run(steps, checkpointing=system == "phitune-ckpt")
-    else:
-        result = trainer_run(system, steps)
+def child(system, steps, precision):
+    bf16 = compute_bf16(precision)
+    with PathsTaken() as seen:
+        if system.startswith("phitune"):
+            result = phitune_run(steps, checkpointing=system == "phitune-ckpt", precision=precision)
+        else:
+            result = trainer_run(system, steps, bf16=bf16)
     result["peak_rss_mib"] = rss_peak_mib()
+    result["paths"] = seen.paths
     # The matmul peak of this machine drifts by +-30% from minute to minute: measure it in the same
     # process, right after the timed steps, so each MFU compares against the speed of its own minute.
-    from phitune.models import cpu_has_fast_bf16
-    result["matmul_peak_flops"] = matmul_peak("bfloat16" if cpu_has_fast_bf16() else "float32", reps=9)
+    result["matmul_peak_flops"] = matmul_peak("bfloat16" if bf16 else "float32", reps=9)
     print("RESULT " + json.dumps(result))
 
 
@@ -204,16 +265,21 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per system (the first is not timed)")
     ap.add_argument("--only", nargs="+", default=["seed", "trl", "trl-packed", "trl-packed-nockpt", "phitune",
                                                   "phitune-ckpt"])
+    ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                    help="compute precision of TRL and phitune (auto: bf16 where the CPU has native bf16)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--output", default=str(ROOT / "bench" / "train_throughput.json"))
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.steps)
+        return child(args.child, args.steps, args.precision)
+    cpu = cpu_kind()
+    print(f"CPU: {cpu['name']} ({', '.join(cpu['flags']) or 'no AVX2'}), {cpu['kind']}; "
+          f"this run computes in {'bf16' if compute_bf16(args.precision) else 'fp32'}", file=sys.stderr, flush=True)
     results = {}
     for system in args.only:
         print(f"--- {system}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", system, "--steps", str(args.steps)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", system, "--steps", str(args.steps),
+                               "--precision", args.precision], capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode or not line:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -221,16 +287,17 @@ def main():
             continue
         results[system] = json.loads(line[len("RESULT "):])
         print(json.dumps(results[system]), file=sys.stderr, flush=True)
-    from phitune.models import cpu_has_fast_bf16
-    peak = matmul_peak("bfloat16" if cpu_has_fast_bf16() else "float32")
+    bf16 = compute_bf16(args.precision)
+    peak = matmul_peak("bfloat16" if bf16 else "float32")
     from phitune import models
     tok = models.load_tokenizer(MODEL)
     ids = [len(tok(tok.apply_chat_template([{"role": "user", "content": mr}, {"role": "assistant", "content": ref}],
                                            tokenize=False), add_special_tokens=False)["input_ids"]) for mr, ref in pairs()]
     mean_len = sum(ids) / len(ids)
     fpt, n_matmul = flops_per_token(mean_len)
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs; matmul peak 2048^3 "
-          f"{'bf16' if cpu_has_fast_bf16() else 'fp32'} at the end: {peak / 1e9:.0f} GFLOP/s; FLOPs/token {fpt / 1e6:.0f}M "
+    print(f"\nCPU: {cpu['name']}, {cpu['cpus']} CPUs, flags {' '.join(cpu['flags']) or '-'}: {cpu['kind']}")
+    print(f"machine: {platform.machine()}; matmul peak 2048^3 "
+          f"{'bf16' if bf16 else 'fp32'} at the end: {peak / 1e9:.0f} GFLOP/s; FLOPs/token {fpt / 1e6:.0f}M "
           f"(N={n_matmul / 1e6:.1f}M, mean length {mean_len:.0f})")
     print("MFU: against the matmul peak measured in each system's own process right after its steps")
     print(f"{'system':18} {'answer tok/s':>12} {'all tok/s':>10} {'MFU':>6} {'(peak GFLOP/s)':>14} {'peak RSS':>9} "
@@ -242,14 +309,22 @@ def main():
         r["mfu"] = r["tokens_per_s"] * fpt / r["matmul_peak_flops"]
         print(f"{system:18} {r['answer_tokens_per_s']:12.0f} {r['tokens_per_s']:10.0f} {100 * r['mfu']:5.1f}% "
               f"{r['matmul_peak_flops'] / 1e9:14.0f} {r['peak_rss_mib']:7.0f}Mi {r['final_loss']:10.4f}")
+    print("\npaths taken (observed at each system's first training forward):")
+    for system, r in results.items():
+        paths = r.get("paths")
+        if paths:
+            print(f"{system:18} compute {paths['compute']}, attention {paths['attention']}, "
+                  f"{paths['fused_lora_layers']} of {paths['lora_layers']} LoRA layers fused, "
+                  f"gradient checkpointing {'on' if paths['gradient_checkpointing'] else 'off'}")
     ok = {k: v for k, v in results.items() if "error" not in v}
     if "phitune" in ok:
         for base in ("seed", "trl", "trl-packed", "trl-packed-nockpt"):
             if base in ok:
                 print(f"phitune / {base}: {ok['phitune']['tokens_per_s'] / ok[base]['tokens_per_s']:.2f}x all tokens, "
                       f"{ok['phitune']['answer_tokens_per_s'] / ok[base]['answer_tokens_per_s']:.2f}x answer tokens")
-    Path(args.output).write_text(json.dumps({"results": results, "matmul_peak_flops": peak, "flops_per_token": fpt,
-                                             "steps": args.steps}, indent=2))
+    Path(args.output).write_text(json.dumps({"cpu": cpu, "precision": args.precision, "results": results,
+                                             "matmul_peak_flops": peak, "flops_per_token": fpt, "steps": args.steps},
+                                            indent=2))
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def make_plan(device, weights_dtype, autocast_dtype, quantized: bool, longest: i
             # matmul + softmax: ~30% per step on the demo model (docs/benchmarks.md); under bf16 autocast
             # phitune's own version of it saves another fifth of the step.
             plan.attention = "phitune_cpu" if cpu_bf16 else "eager"
-        if cpu_bf16:
-            # PEFT's generic LoRA path spent more time in casts, dropout draws and scaling than in matmuls.
+        if not quantized:
+            # PEFT's generic LoRA path spent more time in casts, dropout draws and scaling than in matmuls
+            # under bf16; in fp32 the fused layer still measured 1.09x per step (docs/benchmarks.md).
             plan.lora_layer = "fused_cpu"
     return plan
 
@@ -66,7 +67,8 @@ def apply(model, plan: DevicePlan) -> int:
         model.set_attn_implementation("eager")
     if plan.device.type == "cpu":
         from phitune.cpu_lora import use_fused_lora
-        fused = use_fused_lora(model, fuse=plan.lora_layer == "fused_cpu")
+        compute = (plan.autocast_dtype or plan.weights_dtype) if plan.lora_layer == "fused_cpu" else None
+        fused = use_fused_lora(model, compute)
     return fused
 
 

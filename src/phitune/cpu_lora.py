@@ -1,4 +1,4 @@
-"""LoRA layers for training on CPU: one bf16 pass per layer instead of PEFT's generic path.
+"""LoRA layers for training on CPU: one pass per layer instead of PEFT's generic path.
 
 Under bf16 autocast PEFT's LoRA linear casts its fp32 input twice (base and adapter), draws the dropout
 mask element by element, scales the dropped input in fp32, scales the adapter output, adds it to the
@@ -13,9 +13,15 @@ replaces it, for single-adapter nn.Linear layers, with one autograd function tha
   of the bf16 input, and kept as indices for backward (no dense mask is written or stored);
 - folds the dropout's 1/(1-p) into the LoRA scaling, applied on the rank-r side by `addmm`;
 - computes in backward only what is needed: no gradient for the frozen weight, none for the input
-  when it does not require one (the first layer's).
+  when it does not require one (the first layer's), and the input gradient of base and adapter
+  accumulated into one buffer by `addmm_`.
 
-Numerics match PEFT under autocast up to bf16 rounding (tests/test_cpu_lora.py).
+On CPUs without native bf16 (AVX2 only; bf16 is emulated there and far slower) training computes in
+fp32, and the same function runs without any cast (compute_dtype=torch.float32): what remains of the
+savings is the sparse dropout, the scaling folded into `addmm`, and the leaner backward.
+
+Numerics match PEFT under autocast up to bf16 rounding, and PEFT in fp32 up to float rounding
+(tests/test_cpu_lora.py).
 """
 import math
 import types
@@ -67,18 +73,18 @@ class FastDropout(nn.Module):
 
 
 class _LoraLinear(torch.autograd.Function):
-    """y = x W^T + b + (scale / (1-p)) * (drop(x) A^T) B^T in bf16, with W and b frozen and bf16."""
+    """y = x W^T + b + (scale / (1-p)) * (drop(x) A^T) B^T in W's dtype (bf16 or fp32), W and b frozen."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, p):
-        shape = x.shape
-        xb = x.reshape(-1, shape[-1]).to(BF16)
-        a, b = lora_a.to(BF16), lora_b.to(BF16)
-        y = F.linear(xb, weight, bias)
-        dropped = dropped_positions(xb.numel(), p, xb.device) if p > 0 else None
-        xd = xb
+        shape, dtype = x.shape, weight.dtype
+        xc = x.reshape(-1, shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        y = F.linear(xc, weight, bias)
+        dropped = dropped_positions(xc.numel(), p, xc.device) if p > 0 else None
+        xd = xc
         if dropped is not None:
-            xd = xb.clone()
+            xd = xc.clone()
             xd.view(-1).index_fill_(0, dropped, 0)
         u = xd @ a.t()
         alpha = scale / (1.0 - p)
@@ -92,7 +98,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         xd, dropped, u, weight, a, b = ctx.saved_tensors
-        g = gy.reshape(-1, gy.shape[-1]).to(BF16)
+        g = gy.reshape(-1, gy.shape[-1]).to(weight.dtype)
         gu = (g @ b).mul_(ctx.alpha)
         grad_a = (gu.t() @ xd).to(ctx.param_dtypes[0])
         grad_b = (g.t() @ u).mul_(ctx.alpha).to(ctx.param_dtypes[1])
@@ -112,13 +118,13 @@ class _SharedCast:
     def __init__(self):
         self.key, self.value = None, None
 
-    def __call__(self, x):
-        if x.dtype == BF16:
+    def __call__(self, x, dtype):
+        if x.dtype == dtype:
             return x
-        key = (weakref.ref(x), x._version, torch.is_grad_enabled())
+        key = (weakref.ref(x), x._version, torch.is_grad_enabled(), dtype)
         if self.key is not None and self.key[0]() is x and self.key[1:] == key[1:]:
             return self.value
-        self.key, self.value = key, x.to(BF16)
+        self.key, self.value = key, x.to(dtype)
         return self.value
 
 
@@ -127,16 +133,21 @@ _shared_cast = _SharedCast()
 
 def _fused_forward(self, x, *args, **kwargs):
     active = self.active_adapters
+    base = self.base_layer
+    dtype = base.weight.dtype
     if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-            or active[0] not in self._phitune_fused or x.device.type != "cpu"):
-        # Anything unusual takes PEFT's own path; the base weight is bf16 now, so compute in bf16.
+            or active[0] not in self._phitune_fused or x.device.type != "cpu"
+            or (dtype != BF16 and torch.is_autocast_enabled("cpu"))):
+        # Anything unusual (an fp32-fused layer under autocast too) takes PEFT's own path; a base weight
+        # stored in bf16 means the model computes in bf16.
+        if dtype != BF16:
+            return type(self).forward(self, x, *args, **kwargs)
         with torch.autocast("cpu", dtype=BF16):
             return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
     drop = self.lora_dropout[name]
     p = float(getattr(drop, "p", 0.0)) if self.training else 0.0
-    base = self.base_layer
-    return _LoraLinear.apply(_shared_cast(x), base.weight, base.bias, self.lora_A[name].weight,
+    return _LoraLinear.apply(_shared_cast(x, dtype), base.weight, base.bias, self.lora_A[name].weight,
                              self.lora_B[name].weight, float(self.scaling[name]), p)
 
 
@@ -148,22 +159,27 @@ def _fusable(module, name):
             and isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)))
 
 
-def use_fused_lora(peft_model, fuse=True):
-    """Route single-adapter LoRA linears through _LoraLinear (for CPU training under bf16 autocast).
+def use_fused_lora(peft_model, compute_dtype=BF16):
+    """Route single-adapter LoRA linears through _LoraLinear for CPU training.
 
-    Other LoRA layers (and all of them when fuse is False) get FastDropout. Returns the number of
+    compute_dtype: torch.bfloat16 (training under bf16 autocast: the frozen base weights are stored in
+    bf16), torch.float32 (training in fp32, no autocast), or None to fuse nothing. Other LoRA layers (DoRA,
+    several adapters, ...; all of them when compute_dtype is None) get FastDropout. Returns the number of
     fused layers."""
+    if compute_dtype not in (None, BF16, torch.float32):
+        raise ValueError(f"use_fused_lora: compute_dtype must be torch.bfloat16, torch.float32 or None, "
+                         f"not {compute_dtype}")
     fused = 0
     for module in peft_model.modules():
         drops = getattr(module, "lora_dropout", None)
         if not isinstance(drops, nn.ModuleDict):
             continue
-        names = {n for n in drops if fuse and _fusable(module, n)}
+        names = {n for n in drops if compute_dtype is not None and _fusable(module, n)}
         if names:
             base = module.base_layer
-            base.weight.data = base.weight.data.to(BF16)
+            base.weight.data = base.weight.data.to(compute_dtype)
             if base.bias is not None:
-                base.bias.data = base.bias.data.to(BF16)
+                base.bias.data = base.bias.data.to(compute_dtype)
             module._phitune_fused = names
             module.forward = types.MethodType(_fused_forward, module)
             fused += 1
