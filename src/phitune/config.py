@@ -87,6 +87,9 @@ class DataArgs:
             raise ConfigError("max_length", f"must be at least 8 tokens, got {self.max_length}")
 
 
+TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
+
+
 @dataclass
 class TrainArgs:
     output_dir: Optional[str] = opt(None, "where checkpoints, metrics and final_adapter/ are written")
@@ -112,6 +115,9 @@ class TrainArgs:
                                 "`accelerate launch --num_processes N -m phitune train ...`)")
     max_nonfinite_steps: int = opt(10, "stop after this many optimizer steps in a row with a NaN/inf loss or "
                                        "gradient (each one is skipped and counted)")
+    report_to: list = opt([], "experiment trackers to log to: tensorboard, trackio, wandb, mlflow (several "
+                              "allowed; offline where the tracker can be)", nargs="+")
+    run_name: Optional[str] = opt(None, "run name shown in the trackers (default: the --output_dir folder name)")
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "save_total_limit", "logging_steps",
@@ -128,6 +134,11 @@ class TrainArgs:
             raise ConfigError("epochs", f"must be > 0, got {self.epochs}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if isinstance(self.report_to, str):
+            self.report_to = self.report_to.replace(",", " ").split()
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise ConfigError("report_to", f"unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("max_grad_norm" if self.max_grad_norm < 0 else "weight_decay", "must be >= 0")
 

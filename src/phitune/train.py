@@ -21,6 +21,7 @@ from phitune.errors import ConfigError, PhituneError
 from phitune.loss import AnswerLoss, summed_loss
 from phitune.report import MetricsLog, ppl, summary
 from phitune.templates import Template
+from phitune.trackers import Trackers  # trackers (issue 16)
 
 
 EAGER_ATTENTION_MAX_LEN = 512  # beyond this the (T x T) attention weights kept for backward grow too large
@@ -91,6 +92,7 @@ def train(cfg):
 
     accelerator = Accelerator(cpu=models.pick_device().type == "cpu")
     set_seed(t.seed)
+    trackers = Trackers.start(cfg, accelerator)  # trackers (issue 16): no-op without --report_to
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     weights_dtype, autocast_dtype = models.precision_plan(device, cfg.model.precision, model_config.model_type)
     quantization = models.quantization_config(cfg.model.quantize, device)
@@ -248,6 +250,7 @@ def train(cfg):
                 metrics.add(step=step, epoch=round(step / steps_per_epoch, 4), loss=step_loss.item(), lr=lr,
                             grad_norm=float(grad_norm), tokens=state["tokens"], answer_tokens=state["answer_tokens"],
                             tokens_per_s=speed, seconds=elapsed)
+                trackers.log(metrics.rows[-1], step)  # trackers (issue 16)
 
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if val_set and (epoch_end or (t.eval_steps and step % t.eval_steps == 0)):
@@ -263,6 +266,7 @@ def train(cfg):
                 if metrics:
                     metrics.add(step=step, epoch=round(step / steps_per_epoch, 4), val_loss=val_loss,
                                 val_ppl=ppl(val_loss))
+                    trackers.log(metrics.rows[-1], step)  # trackers (issue 16)
                 log(accelerator, f"step {step}: validation loss {val_loss:.4f} (perplexity {ppl(val_loss):.2f})"
                                  + (" best so far" if improved else ""))
                 if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
@@ -309,6 +313,7 @@ def train(cfg):
                 "training": cfg.to_dict(), "metrics": final_metrics}
         checkpoints.atomic_dir(final, lambda d: adapters.save_adapter(model, tokenizer, d, meta))
         metrics.plot()
+        trackers.finish()  # trackers (issue 16)
         _print_summary(final_metrics, final, out, speed=final_metrics["tokens"] / max(state["seconds"], 1e-9))
     accelerator.wait_for_everyone()
     return final
