@@ -17,6 +17,8 @@ COMMANDS = {
     "eval": ("phitune.evaluate", "score base and adapters on held-out data: loss, perplexity, BLEU, chrF, ROUGE-L"),
     "merge": ("phitune.merge", "merge an adapter into its base model and save it for plain transformers"),
     "serve": ("phitune.serve", "serve base and adapters over the OpenAI HTTP API"),
+    "plan": ("phitune.plan", "estimate memory and time of a training run before starting it (--measure: check it)"),
+    "data": ("phitune.data_cli", "inspect a dataset: format, records, token lengths, truncation, rendered examples"),
 }
 
 

@@ -67,9 +67,15 @@ class LoraArgs:
 
 @dataclass
 class DataArgs:
-    dataset_path: Optional[str] = opt(None, "training data, JSONL: prompt/response, prompt/completion, alpaca, "
-                                            "messages or text records")
-    val_path: Optional[str] = opt(None, "validation data, JSONL (default: --val_split of the training data)")
+    dataset_path: Optional[str] = opt(None, "training data: a JSONL, JSON, CSV or Parquet file, a datasets "
+                                            "save_to_disk directory or a Hub dataset id, with prompt/response, "
+                                            "prompt/completion, alpaca, messages or text records")
+    dataset_split: str = opt("train", "split to read when --dataset_path is a dataset with several splits")
+    columns: Optional[str] = opt(None, "field=column mapping for data with other names, e.g. "
+                                       "prompt=question,response=answer or messages=conversations (ShareGPT)")
+    val_path: Optional[str] = opt(None, "validation data, any --dataset_path source (default: --val_split of the "
+                                        "training data)")
+    val_dataset_split: str = opt("validation", "split to read when --val_path is a dataset with several splits")
     val_split: float = opt(0.1, "fraction of the training data held out for validation; 0 turns validation off")
     max_length: int = opt(1024, "longest example in tokens; longer ones follow --long_examples")
     long_examples: str = opt("truncate", "truncate: cut the answer's end (no EOS is trained on a cut answer); "
@@ -83,6 +89,9 @@ class DataArgs:
     def __post_init__(self):
         if not 0 <= self.val_split < 1:
             raise ConfigError("val_split", f"must be in [0, 1), got {self.val_split}")
+        if self.columns:
+            from phitune.sources import parse_columns
+            parse_columns(self.columns)  # a malformed mapping fails here, before any data is read
         if self.max_length < 8:
             raise ConfigError("max_length", f"must be at least 8 tokens, got {self.max_length}")
 

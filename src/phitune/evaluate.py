@@ -19,7 +19,7 @@ from phitune.loss import AnswerLoss, summed_loss
 
 def add_parser(p):
     add_model_args(p, multiple_adapters=True)
-    p.add_argument("--data", required=True, help="JSONL test data (any training format)")
+    p.add_argument("--data", required=True, help="test data: any training source (JSONL, JSON, CSV, Parquet, datasets directory)")
     p.add_argument("--output", help="write all scores to this JSON file")
     p.add_argument("--max_length", type=int, default=1024, help="longest example scored, in tokens")
     p.add_argument("--batch_size", type=int, default=16, help="examples per forward / generation batch")
@@ -29,7 +29,7 @@ def add_parser(p):
 
 
 def main(args):
-    records, fmt = data.read_jsonl(args.data)
+    records, fmt = data.read_records(args.data)
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
     questions = group_questions(records)
     if args.limit:

@@ -79,9 +79,9 @@ def train(cfg):
     t = cfg.train
     out = Path(t.output_dir)
     # ---- inputs first: a bad line or field fails in seconds, before any weights are loaded
-    train_records, fmt = data.read_jsonl(cfg.data.dataset_path)
+    train_records, fmt = data.read_records(cfg.data.dataset_path, cfg.data.dataset_split, cfg.data.columns)
     if cfg.data.val_path:
-        val_records, _ = data.read_jsonl(cfg.data.val_path)
+        val_records, _ = data.read_records(cfg.data.val_path, cfg.data.val_dataset_split, cfg.data.columns)
     else:
         train_records, val_records = data.split_validation(train_records, cfg.data.val_split, t.seed)
     model_config = models.load_config(cfg.model.model, cfg.model.trust_remote_code)
