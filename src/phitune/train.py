@@ -135,7 +135,8 @@ def train(cfg):
         # Non-reentrant checkpointing gives LoRA weights their gradients without input-grad hooks.
         _enable_checkpointing(model.get_base_model())
     if device.type == "cpu" and accelerator.is_main_process:
-        _preflight(model, t, [len(e["input_ids"]) for e in train_set], n_trainable, out, lambda m: log(accelerator, m))
+        _preflight(model, t, [len(e["input_ids"]) for e in train_set], n_trainable, out, lambda m: log(accelerator, m),
+                   autocast_dtype)  # issue 16: the compute dtype, for phitune.memory's estimate
     loss_model = AnswerLoss(model)
     if t.torch_compile:
         for layer in loss_model.decoder.layers:  # regional compilation: one graph per block, compiled once
@@ -352,30 +353,21 @@ def _free_memory(device):
         torch.mps.empty_cache()
 
 
-def _preflight(model, t, lengths, n_trainable, out, log_fn):
+def _preflight(model, t, lengths, n_trainable, out, log_fn, compute_dtype=None):
     """Warn before a CPU run that will not fit in RAM; refuse one whose checkpoints cannot fit on disk."""
     import shutil
-    cfg = model.config
     checkpoint = n_trainable * 4 * 3 + 50 * 2**20  # weights + Adam moments + tokenizer and state
     free = shutil.disk_usage(out).free
     if free < checkpoint * (t.save_total_limit + 3):
         raise PhituneError(f"output_dir: {out} has {free / 2**20:.0f} MiB free; checkpoints and the adapter need "
                            f"about {checkpoint * (t.save_total_limit + 3) / 2**20:.0f} MiB")
-    try:
-        import psutil
-        available = psutil.virtual_memory().available
-    except ImportError:
-        return
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    tokens = t.batch_size * max(lengths)
-    # Bytes kept for backward per token per layer, measured on the demo model: about (30 d + 6 f) x 4.
-    per_layer = (30 * cfg.hidden_size + 6 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)) * 4
-    layers = 1 if t.gradient_checkpointing else cfg.num_hidden_layers
-    need = weights + n_trainable * 16 + tokens * per_layer * layers + tokens * cfg.hidden_size * 4 * \
-        cfg.num_hidden_layers
-    if need > 0.9 * available:
-        log_fn(f"warning: this run needs about {need / 2**30:.1f} GiB of RAM and {available / 2**30:.1f} GiB is "
-               f"available; lower --batch_size or --max_length, or turn on --gradient_checkpointing")
+    # issue 16: the same estimate and suggestion as `phitune plan` (phitune.memory)
+    from phitune import memory
+    warning = memory.preflight(model.config, n_trainable, t.batch_size, t.gradient_accumulation_steps, max(lengths),
+                               t.gradient_checkpointing, model.get_input_embeddings().weight.dtype, compute_dtype,
+                               "cpu")
+    if warning:
+        log_fn(warning)
 
 
 def _check_output_dir(out, resume):
