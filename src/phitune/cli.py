@@ -11,7 +11,7 @@ from phitune.errors import PhituneError
 # command -> (module, one-line help). Modules are imported only when their command runs,
 # so `phitune --help` stays fast.
 COMMANDS = {
-    "train": ("phitune.train", "fine-tune a model with LoRA on a JSONL dataset"),
+    "train": ("phitune.train", "fine-tune a model with LoRA on a dataset (JSONL, JSON, CSV, Parquet, datasets)"),
     "chat": ("phitune.chat", "talk to a base model or a fine-tuned adapter (streaming)"),
     "compare": ("phitune.compare", "answer the same questions with the base model and adapters, side by side"),
     "eval": ("phitune.evaluate", "score base and adapters on held-out data: loss, perplexity, BLEU, chrF, ROUGE-L"),

@@ -142,7 +142,8 @@ def estimate_memory(shape, lora, batch_size, seq_len, checkpointing, weights_dty
     else:
         dropout = 0.05 if isinstance(lora, int) else lora.lora_dropout  # 0.05: LoraArgs' default
     a = _nbytes(compute_dtype or weights_dtype)        # bytes of a compute-dtype activation element
-    rb = _nbytes(weights_dtype) if not quantize else 2  # residual stream (follows the weights; bf16 when quantized)
+    # residual stream: follows the weights; fp32 when quantized (PEFT's k-bit preparation upcasts the rest)
+    rb = _nbytes(weights_dtype) if not quantize else 4
     d, f, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
     n = batch_size * seq_len
     fused_cpu = device == "cpu" and a == 2 and not quantize  # phitune's fused bf16 LoRA layers (cpu_lora.py)
@@ -153,10 +154,12 @@ def estimate_memory(shape, lora, batch_size, seq_len, checkpointing, weights_dty
     linear_params = shape.layers * sum(i * o for i, o in shape.layer_linears.values())
     target_params = lora_layers * sum(i * o for s, (i, o) in shape.layer_linears.items() if s in short)
     other = shape.params - linear_params
-    if quantize == "4bit":  # NF4 + double-quantized absmax (~0.52 bytes/param); the rest stays bf16
-        weights = linear_params * 0.516 + other * 2
+    # NF4 + double-quantized absmax is ~0.52 bytes/param, int8 1; prepare_model_for_kbit_training casts every
+    # other parameter (embeddings, head, norms) to fp32
+    if quantize == "4bit":
+        weights = linear_params * 0.516 + other * 4
     elif quantize == "8bit":
-        weights = linear_params * 1.0 + other * 2
+        weights = linear_params * 1.0 + other * 4
     else:
         wb = _nbytes(weights_dtype)
         weights = shape.params * wb

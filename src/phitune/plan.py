@@ -125,7 +125,8 @@ def main(args):
             print(f"  {label:28} (4-bit needs CUDA and bitsandbytes)")
             continue
         seq = min(max_len, max(lengths)) if lengths else max_len
-        est = estimate_memory(shape, cfg.lora, bs, seq, ckpt, weights_dtype, compute_dtype, device.type, quant,
+        rows_in_batch = min(bs, len(lengths)) if lengths else bs  # a batch cannot hold more than the data
+        est = estimate_memory(shape, cfg.lora, rows_in_batch, seq, ckpt, weights_dtype, compute_dtype, device.type, quant,
                               answer_fraction=answer_fraction)
         first = first or est
         ok = fits(est, capacity)
@@ -141,7 +142,7 @@ def main(args):
               f"{est.parts['weights'] / GIB:7.2f}G {est.parts['lora + AdamW'] / GIB:8.2f}G {act / GIB:6.2f}G "
               f"{est.total_gib:6.2f}G  {'yes' if ok else 'NO':4} {epoch:>9}")
     if not fits(first, capacity):
-        s = suggest(shape, cfg.lora, t.batch_size, t.gradient_accumulation_steps, first.seq_len,
+        s = suggest(shape, cfg.lora, first.batch_size, t.gradient_accumulation_steps, first.seq_len,
                     t.gradient_checkpointing, capacity, weights_dtype=weights_dtype, compute_dtype=compute_dtype,
                     device=device.type, quantize=cfg.model.quantize, answer_fraction=answer_fraction)
         print("\n  this run does not fit: " + (s.text if s else "not even one example per micro-batch with "
@@ -151,9 +152,9 @@ def main(args):
             raise PhituneError("--measure needs --dataset_path (it trains two steps on the longest batch)")
         m = measure(cfg, examples, pad_id)
         err = (first.total_bytes - m["peak_bytes"]) / m["peak_bytes"]
-        flops = flops_per_token(shape, first.trainable, m["tokens"] / t.batch_size, t.gradient_checkpointing,
+        flops = flops_per_token(shape, first.trainable, m["seq_len"], t.gradient_checkpointing,
                                 answer_fraction) * m["tokens"]
-        print(f"\n  measured ({m['how']}), 2 steps of the longest batch ({t.batch_size} x {m['seq_len']} tokens):\n"
+        print(f"\n  measured ({m['how']}), 2 steps of the longest batch ({m['rows']} x {m['seq_len']} tokens):\n"
               f"    peak {_size(m['peak_bytes'])} vs estimated {_size(first.total_bytes)} ({err:+.0%})\n"
               f"    step {m['step_s']:.2f} s vs estimated {flops / speed:.2f} s "
               f"({flops / m['step_s'] / rate:.0%} of the measured matmul rate)")
@@ -239,8 +240,8 @@ def measure(cfg, examples, pad_id, steps=2):
             optimizer.zero_grad(set_to_none=True)
             _sync(device)
             times.append(time.perf_counter() - start)
-    return {"peak_bytes": peak.peak, "step_s": times[-1], "seq_len": seq_len, "tokens": int(batch["input_ids"].numel()),
-            "how": peak.how}
+    return {"peak_bytes": peak.peak, "step_s": times[-1], "seq_len": seq_len, "rows": len(longest),
+            "tokens": int(batch["input_ids"].numel()), "how": peak.how}
 
 
 class _PeakMemory:
