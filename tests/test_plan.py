@@ -42,7 +42,7 @@ def test_estimates_move_the_way_memory_does():
     assert total(ckpt=True) < total(ckpt=False)
     assert total(bs=2) < total(bs=4) < total(bs=8)
     assert total(seq=512) < total(seq=1024)
-    assert total(quantize="4bit") < total() - 5 * memory.GIB  # 3.8B weights: ~7.6 GB bf16, ~2 GB NF4
+    assert total(quantize="4bit") < total() - 3 * memory.GIB  # 3.8B weights: 7.6 GB bf16; NF4 ~1.9 GB + fp32 rest
     # activations grow linearly in tokens without checkpointing
     a = [memory.estimate_memory(shape, lora, b, 512, False, BF16, BF16, "cuda").parts["activations"] for b in (2, 4)]
     assert a[1] == pytest.approx(2 * a[0], rel=0.01)

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 from phitune import data
-from phitune.errors import ConfigError, DataError, PhituneError
+from phitune.errors import ConfigError, DataError
 from phitune.sources import detect_kind
 
 PAIRS = [{"question": "What is two plus two?", "answer": "Four."},

@@ -1,4 +1,5 @@
-"""Datasets: read (through sources.py) and validate, render with the template, tokenise with loss masks, batch by length.
+"""Datasets: read (through sources.py) and validate, render with the template, tokenise with loss masks,
+batch by length.
 
 Every record becomes a conversation (a list of {"role", "content"} ending with an assistant turn) or,
 for plain {"text"} records, one text trained on in full.

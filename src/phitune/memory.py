@@ -29,7 +29,6 @@ buffers. The layer counts follow the code paths phitune trains with on each devi
 layers and bf16 attention for sequences up to 512 tokens; CUDA: PEFT's LoRA and SDPA). docs/planning.md
 states how far the estimate is from measured peaks.
 """
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -12,13 +12,12 @@ grouped by length as training groups them) divided by this device's matmul rate,
 fraction of a second, times an assumed training efficiency (EFFICIENCY: the share of matmul peak a LoRA
 step reaches; measured 19-37% on the development CPU, docs/benchmarks.md). --measure shows the real figure.
 """
-import math
 import sys
 import time
 
 import torch
 
-from phitune import data, memory, models
+from phitune import data, models
 from phitune.config import RunConfig, add_arguments, build_config
 from phitune.errors import PhituneError
 from phitune.memory import (GIB, device_memory, estimate_memory, fits, flops_per_token, model_shape,  # noqa: F401
@@ -126,8 +125,8 @@ def main(args):
             continue
         seq = min(max_len, max(lengths)) if lengths else max_len
         rows_in_batch = min(bs, len(lengths)) if lengths else bs  # a batch cannot hold more than the data
-        est = estimate_memory(shape, cfg.lora, rows_in_batch, seq, ckpt, weights_dtype, compute_dtype, device.type, quant,
-                              answer_fraction=answer_fraction)
+        est = estimate_memory(shape, cfg.lora, rows_in_batch, seq, ckpt, weights_dtype, compute_dtype, device.type,
+                              quant, answer_fraction=answer_fraction)
         first = first or est
         ok = fits(est, capacity)
         if lengths:
