@@ -54,15 +54,26 @@ def add_parser(p):
 
 
 def load_model_config(name, trust_remote_code=False):
-    """The model's config; the full-size Phi-2 / Phi-3.5-mini shapes when the hub cannot be reached."""
-    try:
+    """The model's config. Phi-2 and Phi-3.5-mini: the cached config, else their built-in full-size shapes
+    (no network round trip: the shapes are all a plan needs)."""
+    if name not in KNOWN_CONFIGS:
         return models.load_config(name, trust_remote_code)
-    except PhituneError:
-        if name not in KNOWN_CONFIGS:
-            raise
-        import transformers
+    import transformers
+    try:
+        return transformers.AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
         cls, kw = KNOWN_CONFIGS[name]
         return getattr(transformers, cls)(**kw)
+
+
+def _load_tokenizer(name, trust_remote_code=False):
+    if name not in KNOWN_CONFIGS:
+        return models.load_tokenizer(name, trust_remote_code)
+    from transformers import AutoTokenizer
+    try:
+        return models.prepare_tokenizer(AutoTokenizer.from_pretrained(name, local_files_only=True))
+    except (OSError, ValueError) as e:
+        raise PhituneError(f"{name}: tokenizer not in the local cache ({e})") from None
 
 
 def matmul_rate(device, dtype):
@@ -179,7 +190,7 @@ def _data_lengths(cfg):
     records, fmt = data.read_records(cfg.data.dataset_path, cfg.data.dataset_split, cfg.data.columns)
     try:
         from phitune.templates import Template
-        tok = models.load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
+        tok = _load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
     except PhituneError:  # offline with a hub id: characters / 4 is a usual English tokens-per-character ratio
         lengths = [max(1, sum(len(m["content"]) for m in r.get("messages", [])) // 4 + len(r.get("text", "")) // 4)
                    for r in records]
