@@ -142,3 +142,15 @@ def test_estimate_within_tolerance_of_measured_peak_demo_model(ckpt, capsys):
     measured, estimated = _measure_vs_estimate("smollm2-135m-instruct", ROOT / "examples" / "e2e_demo.jsonl", capsys,
                                                "--batch_size", 4, "--max_length", 128, ckpt)
     assert abs(estimated - measured) <= TOLERANCE * measured, (ckpt, measured, estimated)
+
+
+def test_train_preflight_warns_with_a_fitting_suggestion():
+    import transformers
+    cls, kw = plan.KNOWN_CONFIGS["microsoft/phi-2"]
+    config = getattr(transformers, cls)(**kw)
+    args = (config, 8_000_000, 8, 4, 2048, False, BF16, BF16, "cuda")
+    assert memory.preflight(*args, capacity_bytes=200 * memory.GIB) is None
+    warning = memory.preflight(*args, capacity_bytes=24 * memory.GIB)
+    assert re.match(r"warning: this run needs about \d+\.\d GiB at its longest batch \(8 x 2048 tokens\) and cuda "
+                    r"has 24\.0 GiB; use --batch_size \d --gradient_accumulation_steps \d+", warning), warning
+    assert "lower --max_length" in memory.preflight(*args, capacity_bytes=2 * memory.GIB)
