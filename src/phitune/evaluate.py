@@ -19,7 +19,8 @@ from phitune.loss import AnswerLoss, summed_loss
 
 def add_parser(p):
     add_model_args(p, multiple_adapters=True)
-    p.add_argument("--data", required=True, help="test data: any training source (JSONL, JSON, CSV, Parquet, datasets directory)")
+    p.add_argument("--data", required=True,
+                   help="test data: any training source (JSONL, JSON, CSV, Parquet, datasets directory)")
     p.add_argument("--output", help="write all scores to this JSON file")
     p.add_argument("--max_length", type=int, default=1024, help="longest example scored, in tokens")
     p.add_argument("--batch_size", type=int, default=16, help="examples per forward / generation batch")

@@ -273,7 +273,10 @@ def preflight(config, lora, batch_size, accumulation, longest, checkpointing, we
             capacity_bytes, _ = device_memory(device)
         except (ImportError, RuntimeError, AttributeError):
             return None
-    shape = model_shape(config)
+    try:
+        shape = model_shape(config)
+    except Exception:  # an architecture transformers cannot build from its config alone: no estimate, no block
+        return None
     kw = dict(weights_dtype=weights_dtype, compute_dtype=compute_dtype, device=device, quantize=quantize)
     est = estimate_memory(shape, lora, batch_size, longest, checkpointing, **kw)
     if fits(est, capacity_bytes):
