@@ -88,7 +88,8 @@ def test_hub_id_without_network_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert detect_kind("someorg/some-dataset") == "hub"
-    with pytest.raises(DataError, match="someorg/some-dataset: cannot load the dataset from the Hub.*offline"):
+    with pytest.raises(DataError, match="someorg/some-dataset: is not a local file or directory, and cannot load "
+                                        "the dataset from the Hub.*offline"):
         data.read_records("someorg/some-dataset")
 
 

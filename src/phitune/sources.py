@@ -225,9 +225,10 @@ def _datasets(path, kind, split):
             ds = datasets.load_dataset(str(path))
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        where = "the Hub" if kind == "hub" else "this directory"
-        raise DataError(path, None, f"cannot load the dataset from {where} ({reason}); offline, give a local file "
-                                    f"or a directory saved with save_to_disk") from None
+        where = "is not a local file or directory, and cannot load the dataset from the Hub" if kind == "hub" \
+            else "cannot load the dataset from this directory"
+        raise DataError(path, None, f"{where} ({reason}); offline, give a local file or a directory saved with "
+                                    f"save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(path, None, f"has no split '{split}'; splits: {', '.join(ds)}. Choose one with "
