@@ -87,6 +87,11 @@ def test_hub_id_without_network_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+    import huggingface_hub
+    # offline mode is read when these libraries are imported; an earlier test may have imported them
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert detect_kind("someorg/some-dataset") == "hub"
     with pytest.raises(DataError, match="someorg/some-dataset: is not a local file or directory, and cannot load "
                                         "the dataset from the Hub.*offline"):
