@@ -109,6 +109,9 @@ def main(args):
         print(f"wrote {args.table}", file=sys.stderr)
         return 0
     cfg = RunConfig(**build_config(args))
+    if cfg.model.quantize and models.pick_device().type != "cuda":
+        raise PhituneError(f"quantize: {cfg.model.quantize} training needs CUDA; plan it on the GPU machine, or see "
+                           f"the 4-bit rows of docs/planning.md")
     model_config = load_model_config(cfg.model.model, cfg.model.trust_remote_code)
     shape = model_shape(model_config)
     device = models.pick_device()
