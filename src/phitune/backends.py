@@ -7,7 +7,6 @@ or CUDA) adds a branch here and a module of its own, imported only when its plan
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -72,40 +71,12 @@ def apply(model, plan: DevicePlan) -> int:
     return fused
 
 
-def available_memory(device) -> int | None:
-    """Bytes this device can still give a run; PHITUNE_AVAILABLE_MEMORY (e.g. 6GiB) overrides it."""
-    forced = os.environ.get("PHITUNE_AVAILABLE_MEMORY")
-    if forced:
-        return parse_bytes(forced)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    if device.type == "mps":
-        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
-    try:
-        import psutil
-        return psutil.virtual_memory().available
-    except ImportError:
-        return None
-
-
-def parse_bytes(text: str) -> int:
-    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
-    return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
-
-
-def choose_checkpointing(plan: DevicePlan, setting: str, need_without: int | None, available: int | None) -> None:
-    """Decide activation checkpointing: forced by true/false, or (auto) off only when the run fits."""
+def decide_checkpointing(setting: str, need_without: int | None, available: int | None) -> tuple:
+    """(on, reason): forced by true/false; with auto, off only when the run fits without it with margin."""
     if setting in ("true", "false"):
-        plan.checkpointing = setting == "true"
-        plan.checkpointing_reason = f"{'on' if plan.checkpointing else 'off'}: --gradient_checkpointing {setting}"
-        return
+        return setting == "true", f"{'on' if setting == 'true' else 'off'}: --gradient_checkpointing {setting}"
     if need_without is None or available is None:
-        plan.checkpointing, plan.checkpointing_reason = True, "on: the available memory is unknown"
-        return
+        return True, "on: the available memory is unknown"
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     fits = need_without <= CHECKPOINTING_MARGIN * available
-    plan.checkpointing = not fits
-    plan.checkpointing_reason = (f"{'off' if fits else 'on'}: needs ~{gib(need_without)} without it, "
-                                 f"{gib(available)} available")
+    return not fits, f"{'off' if fits else 'on'}: needs ~{gib(need_without)} without it, {gib(available)} available"

@@ -11,13 +11,15 @@ from phitune.errors import PhituneError
 # command -> (module, one-line help). Modules are imported only when their command runs,
 # so `phitune --help` stays fast.
 COMMANDS = {
-    "train": ("phitune.train", "fine-tune a model with LoRA on a JSONL dataset"),
+    "train": ("phitune.train", "fine-tune a model with LoRA on a dataset (JSONL, JSON, CSV, Parquet, datasets)"),
     "chat": ("phitune.chat", "talk to a base model or a fine-tuned adapter (streaming)"),
     "compare": ("phitune.compare", "answer the same questions with the base model and adapters, side by side"),
     "eval": ("phitune.evaluate", "score base and adapters on held-out data: loss, perplexity, BLEU, chrF, ROUGE-L"),
     "merge": ("phitune.merge", "merge an adapter into its base model and save it for plain transformers"),
     "export": ("phitune.export", "merge an adapter and write one GGUF file for llama.cpp / Ollama"),
     "serve": ("phitune.serve", "serve base and adapters over the OpenAI HTTP API"),
+    "plan": ("phitune.plan", "estimate memory and time of a training run before starting it (--measure: check it)"),
+    "data": ("phitune.data_cli", "inspect a dataset: format, records, token lengths, truncation, rendered examples"),
 }
 
 

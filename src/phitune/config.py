@@ -67,9 +67,15 @@ class LoraArgs:
 
 @dataclass
 class DataArgs:
-    dataset_path: Optional[str] = opt(None, "training data, JSONL: prompt/response, prompt/completion, alpaca, "
-                                            "messages or text records")
-    val_path: Optional[str] = opt(None, "validation data, JSONL (default: --val_split of the training data)")
+    dataset_path: Optional[str] = opt(None, "training data: a JSONL, JSON, CSV or Parquet file, a datasets "
+                                            "save_to_disk directory or a Hub dataset id, with prompt/response, "
+                                            "prompt/completion, alpaca, messages or text records")
+    dataset_split: str = opt("train", "split to read when --dataset_path is a dataset with several splits")
+    columns: Optional[str] = opt(None, "field=column mapping for data with other names, e.g. "
+                                       "prompt=question,response=answer or messages=conversations (ShareGPT)")
+    val_path: Optional[str] = opt(None, "validation data, any --dataset_path source (default: --val_split of the "
+                                        "training data)")
+    val_dataset_split: str = opt("validation", "split to read when --val_path is a dataset with several splits")
     val_split: float = opt(0.1, "fraction of the training data held out for validation; 0 turns validation off")
     max_length: int = opt(1024, "longest example in tokens; longer ones follow --long_examples")
     long_examples: str = opt("truncate", "truncate: cut the answer's end (no EOS is trained on a cut answer); "
@@ -83,8 +89,14 @@ class DataArgs:
     def __post_init__(self):
         if not 0 <= self.val_split < 1:
             raise ConfigError("val_split", f"must be in [0, 1), got {self.val_split}")
+        if self.columns:
+            from phitune.sources import parse_columns
+            parse_columns(self.columns)  # a malformed mapping fails here, before any data is read
         if self.max_length < 8:
             raise ConfigError("max_length", f"must be at least 8 tokens, got {self.max_length}")
+
+
+TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
 
 
 @dataclass
@@ -115,6 +127,9 @@ class TrainArgs:
                                 "`accelerate launch --num_processes N -m phitune train ...`)")
     max_nonfinite_steps: int = opt(10, "stop after this many optimizer steps in a row with a NaN/inf loss or "
                                        "gradient (each one is skipped and counted)")
+    report_to: list = opt([], "experiment trackers to log to: tensorboard, trackio, wandb, mlflow (several "
+                              "allowed; offline where the tracker can be)", nargs="+")
+    run_name: Optional[str] = opt(None, "run name shown in the trackers (default: the --output_dir folder name)")
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "save_total_limit", "logging_steps",
@@ -131,6 +146,11 @@ class TrainArgs:
             raise ConfigError("epochs", f"must be > 0, got {self.epochs}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if isinstance(self.report_to, str):
+            self.report_to = self.report_to.replace(",", " ").split()
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise ConfigError("report_to", f"unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("max_grad_norm" if self.max_grad_norm < 0 else "weight_decay", "must be >= 0")
 

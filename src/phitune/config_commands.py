@@ -92,7 +92,8 @@ class CompareArgs:
 
 @dataclass
 class EvalArgs:
-    data: Optional[str] = opt(None, "JSONL test data (any training format)", required=True)
+    data: Optional[str] = opt(None, "test data: any training source (JSONL, JSON, CSV, Parquet, datasets "
+                                    "directory)", required=True)
     output: Optional[str] = opt(None, "write all scores to this JSON file")
     max_length: int = opt(1024, "longest example scored, in tokens")
     batch_size: int = opt(16, "examples per forward / generation batch")

@@ -1,15 +1,16 @@
-"""JSONL datasets: read and validate, render with the template, tokenise with loss masks, batch by length.
+"""Datasets: read (through sources.py) and validate, render with the template, tokenise with loss masks,
+batch by length.
 
 Every record becomes a conversation (a list of {"role", "content"} ending with an assistant turn) or,
 for plain {"text"} records, one text trained on in full.
 """
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from phitune import sources
 from phitune.errors import DataError
 
 IGNORE = -100  # label id that the loss skips
@@ -29,46 +30,65 @@ FORMAT_HELP = ('{"prompt","response"}, {"prompt","completion"}, {"instruction","
 
 # ---------------------------------------------------------------- reading
 
-def read_jsonl(path):
-    """Read a JSONL file into (records, format). Each record is {"messages": [...]} or {"text": str}.
+def read_records(path, split="train", columns=None):
+    """Read a dataset into (records, format): the one entry point for training and evaluation data.
 
-    Raises DataError naming the file, the line and the problem. Blank lines are skipped; a UTF-8 BOM
-    at the start of the file is accepted.
+    `path` is a JSONL, JSON-array, CSV/TSV or Parquet file, a `datasets` save_to_disk directory, a directory
+    of data files, or a Hub dataset id (read through `datasets`, `split` chosen); `columns` maps phitune's
+    field names to the source's ({"prompt": "question"} or the --columns text "prompt=question"). Each record
+    becomes {"messages": [...]} or {"text": str}. Raises DataError naming the file, the line or row, and the
+    problem.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(path, None, "file not found")
-    if path.is_dir():
-        raise DataError(path, None, "is a directory; give a .jsonl file")
-    records, fmt, fmt_line = [], None, None
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise DataError(path, lineno, f"not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}; "
-                                              f"records look like {FORMAT_HELP}")
-            line_fmt = detect_format(obj, path, lineno)
-            if fmt is None:
-                fmt, fmt_line = line_fmt, lineno
-            elif line_fmt != fmt:
-                raise DataError(path, lineno, f"record is in {line_fmt} format but line {fmt_line} is {fmt}; "
-                                              f"one file holds one format")
-            records.append(normalise(obj, fmt, path, lineno))
+    if isinstance(columns, str) or columns is None:
+        columns = sources.parse_columns(columns)
+    kind = sources.detect_kind(path)
+    items = sources.mapped(sources.rows(path, kind, split), path, columns)
+    records, fmt = validate_records(items, path, columns)
     if not records:
-        raise DataError(path, None, f"no records (the file is empty or blank); expected JSONL lines like "
-                                    f"{FORMAT_HELP}")
+        expected = "JSONL lines like" if kind == "jsonl" else "records like"
+        raise DataError(path, None, f"no records (the file is empty or blank); expected {expected} {FORMAT_HELP}")
     return records, fmt
+
+
+def read_jsonl(path):
+    """Read a JSONL file into (records, format); see read_records for every other source."""
+    if Path(path).is_dir():
+        raise DataError(path, None, "is a directory; give a .jsonl file")
+    return read_records(path)
+
+
+def validate_records(items, path, columns=None):
+    """Check and normalise (location, raw dict) pairs: one format per source, every record usable.
+
+    Returns (records, format). Errors name the location; with a --columns mapping they name the source's
+    column too, so the fix is clear.
+    """
+    records, fmt, fmt_loc = [], None, None
+    for loc, obj in items:
+        if not isinstance(obj, dict):
+            raise DataError(path, loc, f"expected a JSON object, got {type(obj).__name__}; "
+                                       f"records look like {FORMAT_HELP}")
+        try:
+            obj = sources.sharegpt(obj, path, loc)
+            rec_fmt = detect_format(obj, path, loc)
+            if fmt is None:
+                fmt, fmt_loc = rec_fmt, loc
+            elif rec_fmt != fmt:
+                raise DataError(path, loc, f"record is in {rec_fmt} format but {_where(fmt_loc)} is {fmt}; "
+                                           f"one file holds one format")
+            records.append(normalise(obj, fmt, path, loc))
+        except DataError as e:
+            if not columns:
+                raise
+            problem = e.problem
+            for target, source in columns.items():
+                problem = problem.replace(f"'{target}'", f"'{source}' (--columns {target}={source})")
+            raise DataError(path, loc, problem) from None
+    return records, fmt
+
+
+def _where(loc):
+    return f"line {loc}" if isinstance(loc, int) else str(loc)
 
 
 def detect_format(obj, path, lineno):
@@ -86,6 +106,10 @@ def detect_format(obj, path, lineno):
 
 def _text(obj, key, path, lineno, allow_empty=False):
     value = obj.get(key, "")
+    if value is None:  # an empty cell in Parquet or a `datasets` table
+        if allow_empty:
+            return ""
+        raise DataError(path, lineno, f"'{key}' is missing (null)")
     if not isinstance(value, str):
         raise DataError(path, lineno, f"'{key}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():

@@ -27,7 +27,7 @@ def add_parser(p):
 
 def main(args):
     args = settings(args, GROUPS)
-    records, fmt = data.read_jsonl(args.data)
+    records, fmt = data.read_records(args.data)
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
     questions = group_questions(records)
     if args.limit:

@@ -69,8 +69,8 @@ def fit(run: Run) -> Optional[str]:
             speed = (p.tokens - tokens_at_start) / max(time.perf_counter() - run_start, 1e-9)
             bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
             bar.update(1)
-            if run.metrics and step % t.logging_steps == 0:
-                run.metrics.add(step=step, epoch=round(step / run.steps_per_epoch, 4), loss=step_loss.item(), lr=lr,
+            if step % t.logging_steps == 0:
+                run.record(step=step, epoch=round(step / run.steps_per_epoch, 4), loss=step_loss.item(), lr=lr,
                                 grad_norm=float(grad_norm), tokens=p.tokens, answer_tokens=p.answer_tokens,
                                 tokens_per_s=speed, seconds=p.seconds)
             epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
@@ -163,8 +163,7 @@ def _validate_and_keep_best(run, step):
                 d, safe_serialization=True, save_embedding_layers=False))
     else:
         p.bad_evals += 1
-    if run.metrics:
-        run.metrics.add(step=step, epoch=round(step / run.steps_per_epoch, 4), val_loss=val_loss, val_ppl=ppl(val_loss))
+    run.record(step=step, epoch=round(step / run.steps_per_epoch, 4), val_loss=val_loss, val_ppl=ppl(val_loss))
     run.log(f"step {step}: validation loss {val_loss:.4f} (perplexity {ppl(val_loss):.2f})"
             + (" best so far" if improved else ""))
     if t.early_stopping_patience and p.bad_evals >= t.early_stopping_patience:

@@ -23,6 +23,7 @@ from phitune.errors import ConfigError, PhituneError
 from phitune.loss import AnswerLoss
 from phitune.report import MetricsLog, summary
 from phitune.templates import Template
+from phitune.trackers import Trackers
 
 
 @dataclass
@@ -65,6 +66,13 @@ class Run:
     model_config: Any
     progress: Progress = field(default_factory=Progress)
     metrics: Optional[MetricsLog] = None
+    trackers: Any = None  # TensorBoard, wandb, ... (trackers.py): log(row, step), finish()
+
+    def record(self, **row) -> None:
+        """One metrics row: metrics.jsonl on the main process, and every tracker asked for."""
+        if self.metrics:
+            self.metrics.add(**row)
+            self.trackers.log(self.metrics.rows[-1], row["step"])
 
     def log(self, *lines: str) -> None:
         say(self.accelerator, *lines)
@@ -89,9 +97,9 @@ def setup(cfg: RunConfig) -> Run:
 
     t, out = cfg.train, Path(cfg.train.output_dir)
     # ---- inputs first: a bad line or field fails in seconds, before any weights are loaded
-    train_records, fmt = data.read_jsonl(cfg.data.dataset_path)
+    train_records, fmt = data.read_records(cfg.data.dataset_path, cfg.data.dataset_split, cfg.data.columns)
     if cfg.data.val_path:
-        val_records, _ = data.read_jsonl(cfg.data.val_path)
+        val_records, _ = data.read_records(cfg.data.val_path, cfg.data.val_dataset_split, cfg.data.columns)
     else:
         train_records, val_records = data.split_validation(train_records, cfg.data.val_split, t.seed)
     model_config = models.load_config(cfg.model.model, cfg.model.trust_remote_code)
@@ -102,6 +110,7 @@ def setup(cfg: RunConfig) -> Run:
 
     accelerator = Accelerator(cpu=models.pick_device().type == "cpu")
     set_seed(t.seed)
+    trackers = Trackers.start(cfg, accelerator)  # no-op without --report_to
     device = accelerator.device
     weights_dtype, autocast_dtype = models.precision_plan(device, cfg.model.precision, model_config.model_type)
     quantization = models.quantization_config(cfg.model.quantize, device)
@@ -128,8 +137,8 @@ def setup(cfg: RunConfig) -> Run:
     model, targets = adapters.attach_lora(model, cfg.lora, seed=t.seed)
     fused = backends.apply(model, plan)
     lines, n_trainable = adapters.trainable_summary(model, targets)
-    need = estimate_bytes(model, n_trainable, t.batch_size * max(lengths), checkpointing=False)
-    backends.choose_checkpointing(plan, t.gradient_checkpointing, need, backends.available_memory(device))
+    plan.checkpointing, plan.checkpointing_reason = backends.decide_checkpointing(
+        t.gradient_checkpointing, *_memory_without_checkpointing(model_config, cfg, t, max(lengths), plan))
     if plan.checkpointing:
         enable_checkpointing(model)
     say(accelerator, f"data: {fmt} records, template {template.kind} (stops at {', '.join(template.stop_tokens)})",
@@ -138,7 +147,7 @@ def setup(cfg: RunConfig) -> Run:
             + (f", {fused} of {len(targets)} LoRA layers on phitune's fused CPU path" if fused else ""),
             *lines, f"gradient checkpointing {plan.checkpointing_reason}")
     if accelerator.is_main_process:
-        _preflight(plan, t, out, n_trainable, model, max(lengths), lambda m: say(accelerator, m))
+        _preflight(plan, cfg, out, n_trainable, model_config, max(lengths), lambda m: say(accelerator, m))
     loss_model = AnswerLoss(model)
     if t.torch_compile:
         for layer in loss_model.decoder.layers:  # regional compilation: one graph per block, compiled once
@@ -154,7 +163,7 @@ def setup(cfg: RunConfig) -> Run:
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     run = Run(cfg, out, accelerator, plan, tokenizer, template, fmt, train_set, val_set, train_stats, model,
               loss_model, trainable, n_trainable, targets, optimizer, scheduler, steps_per_epoch, total_steps,
-              model_config)
+              model_config, trackers=trackers)
 
     # ---- resume
     ckpt = checkpoints.latest(out) if t.resume else None
@@ -198,20 +207,22 @@ def finish(run: Run, stop_reason: Optional[str] = None) -> Path:
                 "stopped": stop_reason, "training": cfg.to_dict(), "metrics": final_metrics}
         checkpoints.atomic_dir(final, lambda d: adapters.save_adapter(run.model, run.tokenizer, d, meta))
         run.metrics.plot()
+        run.trackers.finish()
         _print_summary(final_metrics, final, out, speed=p.tokens / max(p.seconds, 1e-9))
     run.accelerator.wait_for_everyone()
     return final
 
 
-def estimate_bytes(model, n_trainable: int, batch_tokens: int, checkpointing: bool) -> int:
-    """Peak memory of a training step: weights, LoRA weights + gradients + AdamW moments, activations."""
-    cfg = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    # Bytes kept for backward per token per layer, measured on the demo model: about (30 d + 6 f) x 4.
-    per_layer = (30 * cfg.hidden_size + 6 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)) * 4
-    layers = 1 if checkpointing else cfg.num_hidden_layers
-    return (weights + n_trainable * 16 + batch_tokens * per_layer * layers
-            + batch_tokens * cfg.hidden_size * 4 * cfg.num_hidden_layers)
+def _memory_without_checkpointing(model_config, cfg, t, longest, plan):
+    """(estimated peak bytes of this run without checkpointing, bytes the device can give), or Nones."""
+    from phitune import memory
+    try:
+        shape = memory.model_shape(model_config)
+        need = memory.estimate_memory(shape, cfg.lora, t.batch_size, longest, False, plan.weights_dtype,
+                                      plan.autocast_dtype, plan.device.type, cfg.model.quantize).total_bytes
+        return need, memory.device_memory(plan.device)[0]
+    except Exception:  # an architecture that cannot be built from its config alone, or an unknown device
+        return None, None
 
 
 def enable_checkpointing(model) -> None:
@@ -224,18 +235,21 @@ def enable_checkpointing(model) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _preflight(plan, t, out, n_trainable, model, longest, log):
-    """Refuse a run whose checkpoints cannot fit on disk; warn before one that will not fit in RAM."""
+def _preflight(plan, cfg, out, n_trainable, model_config, longest, log):
+    """Refuse a run whose checkpoints cannot fit on disk; warn (with a fitting batch) before one whose
+    estimated peak memory is beyond what the device has."""
+    from phitune import memory
+    t = cfg.train
     checkpoint = n_trainable * 4 * 3 + 50 * 2**20  # weights + Adam moments + tokenizer and state
     free = shutil.disk_usage(out).free
     if free < checkpoint * (t.save_total_limit + 3):
         raise PhituneError(f"output_dir: {out} has {free / 2**20:.0f} MiB free; checkpoints and the adapter need "
                            f"about {checkpoint * (t.save_total_limit + 3) / 2**20:.0f} MiB")
-    available = backends.available_memory(plan.device) if "ram" in plan.preflight else None
-    need = estimate_bytes(model, n_trainable, t.batch_size * longest, plan.checkpointing)
-    if available is not None and need > 0.9 * available:
-        log(f"warning: this run needs about {need / 2**30:.1f} GiB of RAM and {available / 2**30:.1f} GiB is "
-            f"available; lower --batch_size or --max_length, or turn on --gradient_checkpointing")
+    warning = memory.preflight(model_config, cfg.lora, t.batch_size, t.gradient_accumulation_steps, longest,
+                               plan.checkpointing, plan.weights_dtype, plan.autocast_dtype, plan.device,
+                               quantize=cfg.model.quantize)
+    if warning:
+        log(warning)
 
 
 def _check_output_dir(out, resume):

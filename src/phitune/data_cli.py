@@ -1,0 +1,127 @@
+"""`phitune data inspect FILE`: look at a dataset the way training will, before a long run.
+
+Prints the source kind and record format, the record count, a histogram of token lengths under the
+model's tokenizer and template, how many examples --max_length would truncate or drop, and three rendered
+examples (first, median length, longest) with the trained tokens marked between ⟦ and ⟧.
+"""
+import statistics
+
+from phitune import data, sources
+from phitune.errors import PhituneError
+from phitune.report import summary
+
+OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ trained tokens ⟧
+
+
+def add_parser(p):
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = sub.add_parser("inspect", help="format, record count, token lengths, truncation and rendered examples",
+                       description="Read a dataset as `phitune train` would and show what training will see.")
+    q.add_argument("path", metavar="FILE", help="JSONL/JSON/CSV/Parquet file, datasets directory or Hub dataset id")
+    q.add_argument("--model", help="model whose tokenizer and template count the tokens (without it: characters)")
+    q.add_argument("--max_length", type=int, default=1024, help="longest example in tokens, as in train")
+    q.add_argument("--dataset_split", default="train", help="split of a dataset with several splits")
+    q.add_argument("--columns", help="field=column mapping, e.g. prompt=question,response=answer")
+    q.add_argument("--template", default="auto", choices=("auto", "chat", "phi2"), help="as in train")
+    q.add_argument("--system_prompt", help="as in train")
+    q.add_argument("--train_on_prompt", action="store_true", help="as in train: mark prompt tokens as trained")
+    q.add_argument("--trust_remote_code", action="store_true", help="allow the model repository's own code")
+    q.add_argument("--examples", type=int, default=3, help="rendered examples to show")
+
+
+def main(args):
+    if args.max_length < 8:
+        raise PhituneError(f"max_length: must be at least 8 tokens, got {args.max_length}")
+    kind = sources.detect_kind(args.path)
+    records, fmt = data.read_records(args.path, args.dataset_split, args.columns)
+    print(f"{args.path}\n" + summary([("source", kind), ("record format", fmt), ("records", f"{len(records):,}")]))
+    if not args.model:
+        chars = [sum(len(m["content"]) for m in r["messages"]) if "messages" in r else len(r["text"])
+                 for r in records]
+        print("\ncharacters per record (give --model for token lengths under its template)")
+        print(histogram(chars))
+        return 0
+    from phitune import models
+    from phitune.templates import Template
+    tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
+    template = Template(tokenizer, args.template, args.system_prompt)
+    encoded = []
+    for r in records:
+        ids, labels = template.encode(r)
+        encoded.append((ids, list(ids) if args.train_on_prompt else labels))
+    lengths = [len(ids) for ids, _ in encoded]
+    print(f"\ntokens per example under {args.model} (template {template.kind}, stops at "
+          f"{', '.join(template.stop_tokens)})")
+    print(histogram(lengths, marker=args.max_length))
+    _, stats = data.encode_records(records, template, args.max_length, args.train_on_prompt, "truncate")
+    over = sum(n > args.max_length for n in lengths)
+    trained = sum(sum(1 for x in labels[1:] if x != data.IGNORE) for _, labels in encoded)
+    print("\n" + summary([
+        ("tokens", f"{sum(lengths):,} ({trained:,} trained)"),
+        (f"longer than {args.max_length}", f"{over} ({100 * over / len(lengths):.1f}%): {stats.truncated} would be "
+                                           f"truncated (no EOS learned), {stats.dropped} dropped (no answer left)"),
+    ]))
+    for title, i in pick_examples(lengths, args.examples):
+        ids, labels = encoded[i]
+        print(f"\n--- {title}: record {i + 1}, {len(ids)} tokens; trained part between {OPEN} {CLOSE}")
+        print(render_marked(tokenizer, ids, labels, args.max_length))
+    return 0
+
+
+def histogram(values, bins=10, width=40, marker=None):
+    """A text histogram of non-negative integers, with min/median/p95/max and an optional limit line."""
+    lo, hi = min(values), max(values)
+    step = max(1, -(-(hi - lo + 1) // bins))
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, (v - lo) // step)] += 1
+    top = max(counts)
+    lines = []
+    for b, c in enumerate(counts):
+        start, end = lo + b * step, lo + (b + 1) * step - 1
+        if start > hi:
+            break
+        flag = "  <- --max_length" if marker is not None and start <= marker <= end else ""
+        lines.append(f"  {start:>7,}-{end:<7,} {'#' * round(width * c / top):<{width}} {c:,}{flag}")
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    lines.append(f"  min {lo:,}, median {statistics.median(ordered):,.0f}, p95 {p95:,}, max {hi:,}")
+    return "\n".join(lines)
+
+
+def pick_examples(lengths, n):
+    """Indices of the first, the median-length and the longest examples (distinct, up to n)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    picks = [("first", 0), ("median length", order[len(order) // 2]), ("longest", order[-1])]
+    seen, out = set(), []
+    for title, i in picks + [("example", i) for i in range(len(lengths))]:
+        if i not in seen and len(out) < n:
+            seen.add(i)
+            out.append((title, i))
+    return out
+
+
+def render_marked(tokenizer, ids, labels, max_length=None):
+    """Decode ids with runs of trained tokens (labels != IGNORE) between ⟦ ⟧; the cut at max_length is shown."""
+    out, run, trained = [], [], None
+    for k, (tok, label) in enumerate(zip(ids, labels)):
+        if max_length is not None and k == max_length:
+            out.append(_piece(tokenizer, run, trained))
+            run, trained = [], None
+            out.append(f" [... cut at --max_length {max_length}: {len(ids) - max_length} tokens not trained ...] ")
+        # the first token is never predicted; nothing past the cut is trained
+        t = label != data.IGNORE and k > 0 and (max_length is None or k < max_length)
+        if trained is not None and t != trained:
+            out.append(_piece(tokenizer, run, trained))
+            run = []
+        run.append(tok)
+        trained = t
+    out.append(_piece(tokenizer, run, trained))
+    return "".join(out)
+
+
+def _piece(tokenizer, run, trained):
+    if not run:
+        return ""
+    text = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return f"{OPEN}{text}{CLOSE}" if trained else text
