@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phitune-installed
 
-.PHONY: setup llamacpp demo test test-fast bench clean
+.PHONY: setup llamacpp lint demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,11 @@ $(LLAMACPP): tools/llamacpp/package-lock.json
 demo: setup
 	bash examples/demo.sh
 
-test: setup llamacpp
+test: setup llamacpp lint
 	$(PY) -m pytest -q -ra
+
+lint: setup
+	$(PY) -m ruff check src tests bench
 
 test-fast: setup llamacpp
 	$(PY) -m pytest -q -m "not slow"

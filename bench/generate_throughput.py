@@ -35,13 +35,27 @@ def cpu_name():
     from phitune.models import cpu_has_fast_bf16
     name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                 platform.processor())
-    return f"{name} ({'AVX512-BF16/AMX' if cpu_has_fast_bf16() else 'no native bf16'}), {torch.get_num_threads()} threads"
+    kind = "AVX512-BF16/AMX" if cpu_has_fast_bf16() else "no native bf16"
+    return f"{name} ({kind}), {torch.get_num_threads()} threads"
 
 
 def make_adapter(model_dir, out, seed):
     """A random r16 all-linear adapter on the demo model, saved as phitune saves adapters."""
     from test_engine import random_adapter
     return random_adapter(model_dir, out, seed, "llama")
+
+
+class Clock:
+    """A generate() streamer that only notes when each put() happens (#1 is the prompt, #2 the first token)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
 
 
 def questions(n):
@@ -53,6 +67,7 @@ def questions(n):
 def single_stream(model_dir, adapter, convs, n_new):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     from phitune import generate as gen
     fast = gen.load([adapter], precision="auto", merge=True)  # what `phitune chat` runs
     tok = fast.tokenizer
@@ -62,21 +77,14 @@ def single_stream(model_dir, adapter, convs, n_new):
     for conv in [convs[0]] + convs:  # the first prompt warms both up and is not counted
         ids = fast.template.encode_prompt(conv)
         x = torch.tensor([ids])
-        first = []
-
-        class First:
-            def put(self, value):
-                first.append(time.perf_counter())
-
-            def end(self):
-                pass
+        first = Clock()
         t = time.perf_counter()
         with torch.no_grad():
             out = plain_model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
                                        max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=tok.pad_token_id,
-                                       streamer=First())
+                                       streamer=first)
         total = time.perf_counter() - t
-        plain = (out.shape[1] - x.shape[1], first[1] - t, total)  # put() #1 is the prompt, #2 the first token
+        plain = (out.shape[1] - x.shape[1], first.times[1] - t, total)  # put() #1 is the prompt, #2 the first token
         req = fast.request(ids, None, sampling, stop_ids=[])  # same token count as plain: no early stop
         t = time.perf_counter()
         fast.engine.run([req], 1)
@@ -127,6 +135,7 @@ def compare_batching(model_dir, adapters, convs, n_new):
 
 def server(model_dir, adapters, convs, n_new, clients=8):
     from fastapi.testclient import TestClient
+
     from phitune import generate as gen
     from phitune.serve import build_app
     loaded = gen.load([f"tuned={adapters[0]}"], precision="auto")
@@ -201,7 +210,8 @@ def main():
                           f"{v['first_token_ms']:.0f} ms, {v['mean_tokens']:.0f} tokens per answer)")
         if "compare" not in args.skip:
             c = result["compare"] = compare_batching(model_dir, adapters, convs, args.max_new_tokens)
-            print(f"compare, base + 2 adapters x {c['questions']} questions: mixed batches {c['mixed_batches_s']:.1f} s "
+            print(f"compare, base + 2 adapters x {c['questions']} questions: mixed batches "
+                  f"{c['mixed_batches_s']:.1f} s "
                   f"vs one model at a time {c['one_model_at_a_time_s']:.1f} s: {c['speedup']:.2f}x "
                   f"(same answers: {c['same_answers']})")
         if "serve" not in args.skip:

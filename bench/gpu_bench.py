@@ -67,7 +67,7 @@ def run_case(name, batch, seq, steps=6, quantize=None):
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
     batch_in = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     times = []
-    for step in range(steps):
+    for _ in range(steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -89,6 +89,7 @@ def run_case(name, batch, seq, steps=6, quantize=None):
 def quantized_model(cfg, quantize):
     """bitsandbytes quantizes at load time, so save random bf16 weights once and load them quantized."""
     import tempfile
+
     import transformers
     from peft import prepare_model_for_kbit_training
     path = Path(tempfile.gettempdir()) / f"phitune-random-{cfg.model_type}"

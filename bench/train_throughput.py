@@ -55,7 +55,7 @@ def cpu_kind():
         info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         info = ""
-    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
                 platform.processor() or platform.machine())
     words = set(info.split())
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in words]
@@ -185,7 +185,8 @@ def trainer_run(kind, steps, bf16=True):
     per_step = len(counts) // steps if counts else 1
     timed = counts[per_step:per_step * steps]
     seconds = clock.times[-1] - clock.times[0]
-    return {"tokens_per_s": sum(c[0] for c in timed) / seconds, "answer_tokens_per_s": sum(c[1] for c in timed) / seconds,
+    return {"tokens_per_s": sum(c[0] for c in timed) / seconds,
+            "answer_tokens_per_s": sum(c[1] for c in timed) / seconds,
             "final_loss": clock.losses[-1] if clock.losses else None, "seconds": time.perf_counter() - start}
 
 
@@ -237,6 +238,7 @@ def matmul_peak(dtype_name, n=2048, reps=5):
 def flops_per_token(mean_len):
     """4N + 6 L T d (the issue's LoRA estimate): N = matmul parameters including the LM head."""
     from transformers import AutoConfig
+
     from phitune import models
     cfg = AutoConfig.from_pretrained(models.provision_demo())
     d, L, f, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
@@ -280,7 +282,7 @@ def main():
         print(f"--- {system}", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", system, "--steps", str(args.steps),
                                "--precision", args.precision], capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode or not line:
             print(proc.stderr[-3000:], file=sys.stderr)
             results[system] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -291,8 +293,9 @@ def main():
     peak = matmul_peak("bfloat16" if bf16 else "float32")
     from phitune import models
     tok = models.load_tokenizer(MODEL)
-    ids = [len(tok(tok.apply_chat_template([{"role": "user", "content": mr}, {"role": "assistant", "content": ref}],
-                                           tokenize=False), add_special_tokens=False)["input_ids"]) for mr, ref in pairs()]
+    chats = [tok.apply_chat_template([{"role": "user", "content": mr}, {"role": "assistant", "content": ref}],
+                                     tokenize=False) for mr, ref in pairs()]
+    ids = [len(tok(text, add_special_tokens=False)["input_ids"]) for text in chats]
     mean_len = sum(ids) / len(ids)
     fpt, n_matmul = flops_per_token(mean_len)
     print(f"\nCPU: {cpu['name']}, {cpu['cpus']} CPUs, flags {' '.join(cpu['flags']) or '-'}: {cpu['kind']}")

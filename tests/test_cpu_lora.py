@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import MEMORISE, run_cli, write_jsonl
 from phitune import adapters
 from phitune.config import LoraArgs
 from phitune.cpu_lora import FastDropout, _LoraLinear, drop_mask, use_fused_lora
-from conftest import MEMORISE, run_cli, write_jsonl
 from tiny import build_config
 
 FP32 = torch.float32

@@ -122,7 +122,8 @@ def test_long_examples_truncate_and_drop_are_counted():
     assert len(cut["input_ids"]) == 20 and cut["input_ids"][-1] != tok.eos_token_id  # no EOS on a cut answer
     _, stats = data.encode_records([short, long_answer, long_prompt], template, max_length=20, long_examples="drop")
     assert (stats.kept, stats.truncated, stats.dropped) == (1, 0, 2)
-    assert "1 truncated, 1 dropped" in data.encode_records([short, long_answer, long_prompt], template, 20)[1].report("t")
+    report = data.encode_records([short, long_answer, long_prompt], template, 20)[1].report("t")
+    assert "1 truncated, 1 dropped" in report
 
 
 def test_length_grouped_batches_cover_everything_deterministically():

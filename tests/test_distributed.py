@@ -20,7 +20,8 @@ def test_two_processes_match_one(tiny_models, tmp_path, capsys):
     # effective batch 2 x 1 x 2 processes = 2 x 2 x 1 process
     assert run_cli("train", *args, "--output_dir", two, "--gradient_accumulation_steps", 1,
                    "--num_processes", 2) == 0
-    a, b = load_file(one / "final_adapter/adapter_model.safetensors"), load_file(two / "final_adapter/adapter_model.safetensors")
+    a = load_file(one / "final_adapter/adapter_model.safetensors")
+    b = load_file(two / "final_adapter/adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)

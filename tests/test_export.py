@@ -191,8 +191,8 @@ def test_memorised_adapter_answers_and_stops_in_llamacpp(memorised_adapter, llam
     """The exported fine-tune gives the trained answers in llama.cpp and ends them by itself."""
     out = tmp_path / "mem.gguf"
     assert run_cli("export", "--adapter_path", memorised_adapter, "--output", out, "--outtype", "q8_0") == 0
-    from phitune.templates import Template
     from phitune.models import load_tokenizer
+    from phitune.templates import Template
     meta = json.loads((memorised_adapter / "phitune.json").read_text())
     template = Template.from_meta(load_tokenizer(meta["base"]["model"]), meta["template"])
     prompts = [template.encode_prompt([{"role": "user", "content": r["prompt"]}]) for r in MEMORISE]
@@ -331,6 +331,7 @@ def test_phi3_longrope_factors_in_llamacpp(llamacpp, tmp_path):
     within the original context (where both use the short factors)."""
     import gguf
     from transformers import AutoModelForCausalLM, Phi3Config
+
     from phitune.export import write_gguf
     from phitune.templates import Template
     from tiny import build_tokenizer
@@ -363,6 +364,7 @@ def test_phi3_longrope_factors_in_llamacpp(llamacpp, tmp_path):
 def test_lora_gguf_on_base_gguf_equals_merged_model(exported, tiny_models, llamacpp, arch, tmp_path):
     """--format lora: the adapter alone, applied by llama.cpp to a GGUF of the base, answers like the merge."""
     from transformers import AutoModelForCausalLM
+
     from phitune.export import write_gguf
     e = exported[arch]
     base = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
@@ -388,6 +390,7 @@ def _sentencepiece_style_tokenizer():
     <0xXX> tokens, ids in merge order (the layout llama.cpp reads as a SentencePiece 'llama' vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     from tiny import CORPUS, PHI3
     norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     learner = Tokenizer(models.BPE())
@@ -413,6 +416,7 @@ def _sentencepiece_style_tokenizer():
 def test_sentencepiece_style_tokenizer_in_llamacpp(llamacpp, tmp_path):
     """Phi-3.5's kind of tokenizer (byte-fallback BPE over '▁') tokenizes and generates alike in llama.cpp."""
     from transformers import AutoModelForCausalLM
+
     from phitune.export import write_gguf
     from phitune.templates import Template
     from tiny import build_config

@@ -56,6 +56,7 @@ def test_answer_loss_matches_cross_entropy(arch, autocast, monkeypatch):
 def _family_configs():
     """Every model family phitune lists, as a tiny config (with Granite's and Cohere-style logit scaling)."""
     import transformers
+
     from phitune.adapters import FAMILIES, LLAMA_LIKE
     names = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
              "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "olmo": "OlmoConfig", "olmo2": "Olmo2Config",

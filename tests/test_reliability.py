@@ -78,7 +78,8 @@ def test_nonfinite_steps_are_skipped_then_stop(tiny_models, tmp_path, capsys):
     assert all(torch.isfinite(v).all() for v in weights.values())  # the last good checkpoint is intact
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(scalars,
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
                                st.sampled_from(["prompt", "response", "completion", "text", "messages", "role",
                                                 "content", "instruction", "input", "output", "x"]), inner,

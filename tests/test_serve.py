@@ -1,13 +1,11 @@
 """`phitune serve` answers the real openai client on a localhost port."""
+import json
 import socket
 import subprocess
 import sys
 import time
-
-import json
 import urllib.error
 import urllib.request
-
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -50,7 +48,7 @@ def server(memorised_adapter, tiny_models):
             break
         except (urllib.error.URLError, ConnectionError):
             if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read())
+                raise RuntimeError(proc.stdout.read()) from None
             time.sleep(0.5)
     yield url, proc
     proc.terminate()
@@ -125,6 +123,7 @@ def stream_chat(url, model, content):
 def test_load_200_requests_from_20_clients(server):
     """Good requests all answered correctly, bad ones all 4xx JSON, server up, memory steady (127.0.0.1 only)."""
     import psutil
+
     from conftest import MEMORISE
     url, proc = server
     rss = lambda: psutil.Process(proc.pid).memory_info().rss

@@ -1,6 +1,5 @@
 """`phitune serve` in-process: stop strings, token usage, admission, errors mid-stream, key on every route."""
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

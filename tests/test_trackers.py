@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, write_jsonl, MEMORISE
+from conftest import MEMORISE, run_cli, write_jsonl
 from phitune.config import TrainArgs
 from phitune.errors import ConfigError, PhituneError
 from phitune.trackers import check_installed

@@ -38,9 +38,10 @@ def test_train_writes_adapter_and_every_lora_weight_changes(tiny_models, arch, m
     assert meta["template"]["kind"] == ("phi2" if arch == "phi" else "chat")
     assert meta["training"]["lora_r"] == 8 and meta["metrics"]["steps"] == 3
     # LoRA B starts at zero and A at a seeded random init: both must have moved
+    from transformers import AutoModelForCausalLM
+
     from phitune import adapters
     from phitune.config import LoraArgs
-    from transformers import AutoModelForCausalLM
     init, _ = adapters.attach_lora(AutoModelForCausalLM.from_pretrained(tiny_models[arch]), LoraArgs(), seed=42)
     init = {k: v for k, v in init.state_dict().items() if "lora_" in k}
     trained = lora_tensors(final)

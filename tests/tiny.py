@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, LlamaConfig, Phi3Config, PhiConfig, PreTrainedTokenizerFast)
+from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, PhiConfig, PreTrainedTokenizerFast
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",

@@ -8,9 +8,9 @@ import sys
 import threading
 
 from phitune import generate as gen
-from phitune.errors import PhituneError
 from phitune.config import add_arguments, settings
 from phitune.config_commands import ChatArgs, ChatSampling, OneModel
+from phitune.errors import PhituneError
 
 HELP = """commands:
   /help            this list

@@ -15,9 +15,9 @@ from pathlib import Path
 import yaml
 
 from phitune import generate as gen
-from phitune.errors import PhituneError
 from phitune.config import add_arguments, settings
 from phitune.config_commands import CompareArgs, Models, SamplingArgs
+from phitune.errors import PhituneError
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")
 COLOURS = ("\033[36m", "\033[33m", "\033[32m", "\033[35m", "\033[34m")
@@ -138,7 +138,7 @@ def show(row, columns, colour):
     col_w = (width - 3 * (len(labels) - 1)) // len(labels)
     if colour and col_w >= 30:
         cells = []
-        for i, lab in enumerate(labels):
+        for lab in labels:
             a = row["answers"][lab]
             body = [f"{lab}  ({a.tokens} tok, {a.seconds:.1f}s)", "-" * min(col_w, 40)]
             for para in a.text.splitlines() or [""]:

@@ -33,7 +33,8 @@ class ModelArgs:
     trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code (off unless asked)")
     quantize: Optional[str] = opt(None, "4bit (QLoRA: NF4, double quantization, bf16 compute) or 8bit base weights; "
                                         "CUDA only, needs bitsandbytes", choices=("4bit", "8bit"))
-    precision: str = opt("auto", "auto | bf16 | fp32 | fp16: compute precision (auto: bf16 where the device supports it)",
+    precision: str = opt("auto", "auto | bf16 | fp32 | fp16: compute precision (auto: bf16 where the device "
+                                 "supports it)",
                          choices=("auto", "bf16", "fp32", "fp16"))
 
     def __post_init__(self):

@@ -28,8 +28,8 @@ import types
 import weakref
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 BF16 = torch.bfloat16
 

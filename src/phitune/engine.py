@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -91,7 +92,7 @@ class Request:
     stop_strings: list = field(default_factory=list)
     cancel: Optional[threading.Event] = None
     on_text: Optional[Callable[[str], None]] = None  # called with each new piece of text
-    on_done: Optional[Callable[["Request"], None]] = None  # called once, when finish_reason is set
+    on_done: Optional[Callable[[Request], None]] = None  # called once, when finish_reason is set
     tokens: list = field(default_factory=list)
     finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
     error: Optional[str] = None

@@ -9,14 +9,12 @@ import math
 import sys
 from pathlib import Path
 
-from phitune import data
+from phitune import data, models
 from phitune import generate as gen
-from phitune.errors import PhituneError
 from phitune.config import add_arguments, settings
 from phitune.config_commands import EvalArgs, Models
-from phitune import models
+from phitune.errors import PhituneError
 from phitune.loss import AnswerLoss, summed_loss
-
 
 GROUPS = {"model": Models, "eval": EvalArgs}
 

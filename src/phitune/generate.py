@@ -7,9 +7,10 @@ own chat template (or Phi-2's format). Decoding stops at that model's end-of-tur
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 

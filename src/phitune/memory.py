@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from phitune.backends import CPU_ATTENTION_MAX_LEN as CPU_EAGER_MAX_LEN  # CPU runs this short keep attention probabilities
+from phitune.backends import (
+    CPU_ATTENTION_MAX_LEN as CPU_EAGER_MAX_LEN,  # CPU runs this short keep attention probabilities
+)
 
 GIB = 2 ** 30
 # What the process holds beyond the tensors it keeps: freed forward/backward temporaries the allocator keeps

@@ -3,7 +3,6 @@
 Also the device and precision policy (DESIGN.md, "Precision and devices").
 """
 import contextlib
-import io
 import os
 import platform
 import shutil
@@ -220,7 +219,7 @@ def cpu_has_fast_bf16():
     if platform.system() != "Linux":
         return False
     try:
-        flags = io.open("/proc/cpuinfo", encoding="utf-8").read()
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

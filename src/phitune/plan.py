@@ -20,8 +20,15 @@ import torch
 from phitune import backends, data, models
 from phitune.config import RunConfig, add_arguments, build_config
 from phitune.errors import PhituneError
-from phitune.memory import (GIB, device_memory, estimate_memory, fits, flops_per_token, model_shape,  # noqa: F401
-                            suggest)
+from phitune.memory import (  # noqa: F401
+    GIB,
+    device_memory,
+    estimate_memory,
+    fits,
+    flops_per_token,
+    model_shape,
+    suggest,
+)
 
 EFFICIENCY = {"cpu": 0.25, "cuda": 0.4, "mps": 0.3}
 # The configurations the original Phi-2 README listed by hand: (label, batch, accumulation, max_length,
@@ -222,8 +229,8 @@ def measure(cfg, examples, pad_id, checkpointing, steps=2):
     Returns {"peak_bytes", "step_s", "seq_len", "tokens", "how"}: on CUDA the allocator's peak; on CPU the
     parameters' bytes plus the peak rise of the process's resident memory during the steps."""
     from phitune import adapters
-    from phitune.train_setup import enable_checkpointing
     from phitune.loss import AnswerLoss
+    from phitune.train_setup import enable_checkpointing
     device = models.pick_device()
     config = models.load_config(cfg.model.model, cfg.model.trust_remote_code)
     weights_dtype, compute_dtype = models.precision_plan(device, cfg.model.precision, config.model_type)
@@ -351,6 +358,7 @@ MACS = (18, 36, 64)         # GiB of unified memory; MPS may use about 3/4 of it
 def table_markdown():
     """Markdown table of estimated peaks for full-size Phi-2 and Phi-3.5-mini in the README configurations."""
     import transformers
+
     from phitune.config import LoraArgs
     lora = LoraArgs()
     bf16, fp32 = torch.bfloat16, torch.float32
@@ -359,7 +367,7 @@ def table_markdown():
              "|---|---|---|---|---|---|---|"]
     for name, (cls, kw) in KNOWN_CONFIGS.items():
         shape = model_shape(getattr(transformers, cls)(**kw))
-        for label, bs, acc, seq, ckpt, quant in README_CONFIGS:
+        for _label, bs, acc, seq, ckpt, quant in README_CONFIGS:
             cuda = estimate_memory(shape, lora, bs, seq, ckpt, bf16, bf16, "cuda", quant, answer_fraction=0.5)
             gpu_fit = " / ".join("yes" if fits(cuda, g * GIB) else "no" for g in GPUS)
             flags = f"`--batch_size {bs} --gradient_accumulation_steps {acc} --max_length {seq}" + \

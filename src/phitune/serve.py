@@ -18,8 +18,6 @@ from phitune.config import add_arguments, settings
 from phitune.config_commands import Models, ServeArgs
 from phitune.scheduler import Busy, Scheduler
 
-
-
 GROUPS = {"model": Models, "serve": ServeArgs}
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import List, Optional, Union
+from typing import Optional, Union
 
 from pydantic import BaseModel, Field
 
@@ -30,13 +30,13 @@ class Common(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stream: bool = False
-    stop: Optional[Union[str, List[str]]] = None
+    stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
     n: int = Field(default=1, ge=1, le=1)
 
 
 class ChatRequest(Common):
-    messages: List[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
 
 
 class CompletionRequest(Common):
