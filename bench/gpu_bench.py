@@ -86,6 +86,68 @@ def run_case(name, batch, seq, steps=6, quantize=None):
     return result
 
 
+def checkpointing_choices(name, batch, seq):
+    """What --gradient_checkpointing auto picks for this case on this GPU and on 16 / 24 GB ones."""
+    import transformers
+
+    from phitune import backends, memory
+    cls_name, kw = CONFIGS[name]
+    shape = memory.model_shape(getattr(transformers, cls_name)(**kw))
+    need = memory.estimate_memory(shape, LoraArgs(lora_r=16), batch, seq, False, torch.bfloat16, torch.bfloat16,
+                                  "cuda").total_bytes
+    here = torch.cuda.mem_get_info()[1]
+    return {f"{gb} GB" if gb else "this GPU": backends.decide_checkpointing("auto", need, gb * 2**30 if gb else here)[1]
+            for gb in (0, 16, 24)}
+
+
+def decode_case(name, new_tokens=64, rows=8):
+    """Greedy decode with phitune's engine vs plain generate on PEFT, bf16, one stream and a mixed batch."""
+    import types
+
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from phitune.engine import Engine, Request, Sampling
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import build_tokenizer
+    cls_name, kw = CONFIGS[name]
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kw),
+                                                              dtype=torch.bfloat16)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, lora, adapter_name="a").eval()
+    peft_model.add_adapter("b", lora)
+    tok = build_tokenizer("phi")  # ids only: the text of random weights is not read
+    loaded = types.SimpleNamespace(model=peft_model, tokenizer=tok, device=torch.device("cuda"),
+                                   adapters={"a": None, "b": None})
+    prompt = torch.randint(0, 400, (64,)).tolist()
+    x = torch.tensor([prompt], device="cuda")
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    def plain():
+        peft_model.set_adapter("a")
+        peft_model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False)
+
+    def engine(adapters):
+        reqs = [Request(prompt, adapter=a, sampling=Sampling(max_new_tokens=new_tokens)) for a in adapters]
+        Engine(loaded).run(reqs, batch_size=len(reqs))
+    with torch.no_grad():
+        plain_s = timed(plain)
+        one_s = timed(lambda: engine(["a"]))
+        mixed_s = timed(lambda: engine([None, "a", "b", None, "a", "b", "a", "b"][:rows]))
+    return {"model": name, "plain_generate_tokens_per_s": new_tokens / plain_s,
+            "engine_single_tokens_per_s": new_tokens / one_s,
+            "engine_mixed_batch_tokens_per_s": rows * new_tokens / mixed_s, "rows": rows}
+
+
 def quantized_model(cfg, quantize):
     """bitsandbytes quantizes at load time, so save random bf16 weights once and load them quantized."""
     import tempfile
@@ -110,6 +172,7 @@ def main():
     rows = []
     for name, b, s in cases:
         r = run_case(name, b, s)
+        r["gradient_checkpointing_auto"] = checkpointing_choices(name, b, s)
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -121,6 +184,8 @@ def main():
         print(json.dumps(r), flush=True)
     except ImportError:
         print("bitsandbytes not installed: QLoRA case skipped", flush=True)
+    for name in CONFIGS:
+        print(json.dumps(decode_case(name)), flush=True)
     print("\n| model | batch x seq | quantize | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['batch']} x {r['seq']} | {r['quantize'] or '-'} | {r['tokens_per_s']:.0f} | "

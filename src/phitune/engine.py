@@ -196,6 +196,9 @@ class Engine:
             self._merge(adapters[0])
             return self.model(**kwargs).logits[:, -1].float()
         self._merge(None)
+        if len(names) == 1:  # one adapter, not merged (bf16 weights): PEFT's ordinary path
+            self.model.set_adapter(adapters[0])
+            return self.model(**kwargs).logits[:, -1].float()
         return self.model(**kwargs, adapter_names=[BASE if a is None else a for a in adapters]).logits[:, -1].float()
 
     def _merge(self, name):
