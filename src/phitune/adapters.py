@@ -14,7 +14,7 @@ from phitune.errors import PhituneError
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from phitune.config import LoraArgs
 
@@ -172,19 +172,32 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def base_model_name(path: str | Path, meta: dict[str, Any], model: str | None = None) -> str:
+    """The base to load an adapter on: `model` (a --model value) if given, else the one its meta records."""
+    name = model or meta.get("base", {}).get("model")
+    if not name:
+        raise PhituneError(f"{path}: no base model recorded; pass --model")
+    return name
+
+
+def check_base(path: str | Path, meta: dict[str, Any], config: PretrainedConfig, base: str = "this base") -> None:
+    """Raise PhituneError when the adapter at `path` was trained on a base whose type, width or depth
+    (as recorded in `meta`) differ from `config`'s; `base` names the base in the message."""
+    recorded = meta.get("base", {})
+    for key in ("model_type", "hidden_size", "num_hidden_layers"):
+        want, have = recorded.get(key), getattr(config, key, None)
+        if want is not None and want != have:
+            raise PhituneError(f"{path}: adapter was trained on a base with {key}={want}, but {base} has "
+                               f"{key}={have}; pass the base it was trained on with --model "
+                               f"{recorded.get('model', '')}")
+
+
 def load_adapter(base_model: PreTrainedModel | PeftModel, path: str | Path, meta: dict[str, Any] | None = None,
                  adapter_name: str = "default") -> PeftModel:
     """Attach a saved adapter to `base_model`, checking that it was trained on this architecture and width."""
     from peft import PeftModel
     meta = read_adapter_meta(path) if meta is None else meta
-    base = meta.get("base", {})
-    cfg = base_model.config
-    for key, have in (("model_type", cfg.model_type), ("hidden_size", cfg.hidden_size),
-                      ("num_hidden_layers", cfg.num_hidden_layers)):
-        want = base.get(key)
-        if want is not None and want != have:
-            raise PhituneError(f"{path}: adapter was trained on a base with {key}={want}, but this base has "
-                               f"{key}={have}; pass the base it was trained on with --model {base.get('model', '')}")
+    check_base(path, meta, base_model.config)
     try:
         if isinstance(base_model, PeftModel):
             base_model.load_adapter(str(path), adapter_name=adapter_name)
