@@ -243,8 +243,8 @@ class Suggestion:
         return f"use {flags}: same effective batch, ~{self.estimate.total_gib:.1f} GiB"
 
 
-def suggest(shape: ModelShape, lora: LoraArgs | int, batch_size: int, accumulation: int, seq_len: int, checkpointing: bool,
-            capacity_bytes: int | None, margin: float = 0.9, **kw: Any) -> Suggestion | None:
+def suggest(shape: ModelShape, lora: LoraArgs | int, batch_size: int, accumulation: int, seq_len: int,
+            checkpointing: bool, capacity_bytes: int | None, margin: float = 0.9, **kw: Any) -> Suggestion | None:
     """The first setting with the same effective batch that fits: smaller micro-batches first, then
     checkpointing. Returns a Suggestion, or None when even one example per micro-batch does not fit."""
     effective = batch_size * accumulation
