@@ -74,6 +74,7 @@ class FastDropout(nn.Module):
         return (x * (1.0 / (1.0 - self.p))).masked_fill(drop_mask(x.shape, self.p, x.device), 0)
 
     def extra_repr(self) -> str:
+        """Shown in print(model), as nn.Dropout shows its p."""
         return f"p={self.p}"
 
 
