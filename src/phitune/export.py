@@ -84,10 +84,7 @@ def write_gguf(path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTo
             names.append(tname)
             encoded, raw = gguf_writer.encode_tensor(tname, data, outtype)
             w.add_tensor(tname, encoded, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        gguf_writer.write_out(w)
         check_readback(tmp, gguf_writer.tensors(model, arch), outtype)
     _atomic_write(Path(path), write)
     return names

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from phitune.errors import PhituneError
-from phitune.gguf_writer import LAYER_NAMES, arch_for, permute_for_llamacpp
+from phitune.gguf_writer import LAYER_NAMES, arch_for, permute_for_llamacpp, write_out
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -62,9 +62,6 @@ def write_lora_gguf(path: str | Path, adapter_path: str | Path, config: Pretrain
                 b = permute_for_llamacpp(b, heads)
             w.add_tensor(f"blk.{layer}.{name}.weight.lora_a", a)
             w.add_tensor(f"blk.{layer}.{name}.weight.lora_b", b)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        write_out(w)
     write(Path(path), build)
     return len(pairs)

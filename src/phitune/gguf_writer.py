@@ -214,6 +214,14 @@ def _pre_tokenizer_name(tj: dict[str, Any]) -> str:
                        f"llama.cpp equivalent; supported: GPT-2 byte-level, SmolLM digits + byte-level, Llama 3")
 
 
+def write_out(w: gguf.GGUFWriter) -> None:
+    """Write everything added to `w` (header, key-values, tensors) into its file, and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def add_tokenizer(w: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, cfg: PretrainedConfig, template: Template
                   ) -> None:
     """Vocabulary, merges, token types, pre-tokenizer, special ids and the chat template."""

@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -151,18 +151,21 @@ def _load(name: str, what: str, from_gguf: Callable[[Path], T], from_pretrained:
         raise PhituneError(f"{name}: cannot {what}: {reason}") from None
 
 
+def _from_gguf(auto: Any) -> Callable[[Path], Any]:
+    """A loader for _load: auto.from_pretrained (AutoConfig, AutoTokenizer) on a .gguf file, quietly."""
+    def load(where: Path) -> Any:
+        with _quiet():
+            return auto.from_pretrained(where.parent, gguf_file=where.name)
+    return load
+
+
 def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config alone (no weights), for checks that must run before loading.
 
     name: a --model value (hub id, directory, .gguf file or the demo alias); trust_remote_code: allow hub code.
     """
     from transformers import AutoConfig
-
-    def from_gguf(where: Path) -> PretrainedConfig:
-        with _quiet():
-            return AutoConfig.from_pretrained(where.parent, gguf_file=where.name)
-
-    return _load(name, "read the model config", from_gguf,
+    return _load(name, "read the model config", _from_gguf(AutoConfig),
                  lambda where: AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code))
 
 
@@ -172,12 +175,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     name: a --model value (hub id, directory, .gguf file or the demo alias); trust_remote_code: allow hub code.
     """
     from transformers import AutoTokenizer
-
-    def from_gguf(where: Path) -> PreTrainedTokenizerBase:
-        with _quiet():
-            return AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
-
-    tok = _load(name, "load the tokenizer", from_gguf,
+    tok = _load(name, "load the tokenizer", _from_gguf(AutoTokenizer),
                 lambda where: AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code))
     return prepare_tokenizer(tok)
 
