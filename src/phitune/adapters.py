@@ -1,13 +1,22 @@
 """LoRA targets (presets, explicit names, layer ranges), attaching, and the self-describing adapter directory."""
+from __future__ import annotations
+
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from phitune import __version__
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from phitune.config import LoraArgs
 
 # Per-architecture module names (see docs/layer-guide.md).
 FAMILIES = {
@@ -25,13 +34,14 @@ META_VERSION = 1
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
 
 
-def family(model_type):
+def family(model_type: str) -> str | None:
+    """The target-name family of a config.model_type (phi, phi3, llama...), or None when unknown."""
     if model_type in FAMILIES:
         return model_type
     return "llama" if model_type in LLAMA_LIKE else None
 
 
-def linear_modules(model):
+def linear_modules(model: nn.Module) -> dict[str, int | None]:
     """Full names of the decoder's nn.Linear modules, with their layer index (None outside layers)."""
     out = {}
     for name, module in model.named_modules():
@@ -41,7 +51,7 @@ def linear_modules(model):
     return out
 
 
-def parse_layers(spec, n_layers):
+def parse_layers(spec: str | int | None, n_layers: int) -> list[int]:
     """'0-15,30' -> [0..15, 30], checked against the model's layer count."""
     if spec is None or str(spec).strip() in ("", "all"):
         return list(range(n_layers))
@@ -57,7 +67,7 @@ def parse_layers(spec, n_layers):
     return sorted(chosen)
 
 
-def _preset_names(fam, preset, short_names):
+def _preset_names(fam: str | None, preset: str, short_names: set[str]) -> list[str]:
     if fam is not None:
         names = FAMILIES[fam]
         return names["attention"] + names["mlp"] if preset == "all" else names[preset]
@@ -72,7 +82,7 @@ def _preset_names(fam, preset, short_names):
     return [n for n in attn if re.search(r"q|v", n)][:2] or attn
 
 
-def select_targets(model, target_modules, layers=None):
+def select_targets(model: PreTrainedModel, target_modules: list[str], layers: str | None = None) -> list[str]:
     """Resolve presets/names and a layer spec into the exact list of module names to adapt.
 
     Raises PhituneError naming the model's real module names when a name matches nothing.
@@ -98,7 +108,8 @@ def select_targets(model, target_modules, layers=None):
     return targets
 
 
-def attach_lora(model, lora_args, seed=None):
+def attach_lora(model: PreTrainedModel, lora_args: LoraArgs, seed: int | None = None
+                ) -> tuple[PeftModel, list[str]]:
     """Wrap `model` with LoRA adapters on the selected modules; returns (peft_model, target names)."""
     from peft import LoraConfig, get_peft_model
     targets = select_targets(model, lora_args.target_modules, lora_args.layers)
@@ -110,7 +121,7 @@ def attach_lora(model, lora_args, seed=None):
     return get_peft_model(model, config), targets
 
 
-def trainable_summary(model, targets):
+def trainable_summary(model: nn.Module, targets: list[str]) -> tuple[list[str], int]:
     """Lines a person reads before training: what matched and how much will train."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -129,7 +140,8 @@ def trainable_summary(model, targets):
 
 # ---------------------------------------------------------------- adapter directory
 
-def save_adapter(model, tokenizer, path, meta):
+def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, meta: dict[str, Any]
+                 ) -> None:
     """Write adapter weights (safetensors), tokenizer and phitune.json into `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -139,7 +151,7 @@ def save_adapter(model, tokenizer, path, meta):
                                                  **meta}, indent=2, default=str) + "\n")
 
 
-def read_adapter_meta(path):
+def read_adapter_meta(path: str | Path) -> dict[str, Any]:
     """Read and check an adapter directory's phitune.json; errors name the directory and the fix."""
     path = Path(path)
     if not path.is_dir():
@@ -160,18 +172,32 @@ def read_adapter_meta(path):
     return meta
 
 
-def load_adapter(base_model, path, meta=None, adapter_name="default"):
+def base_model_name(path: str | Path, meta: dict[str, Any], model: str | None = None) -> str:
+    """The base to load an adapter on: `model` (a --model value) if given, else the one its meta records."""
+    name = model or meta.get("base", {}).get("model")
+    if not name:
+        raise PhituneError(f"{path}: no base model recorded; pass --model")
+    return name
+
+
+def check_base(path: str | Path, meta: dict[str, Any], config: PretrainedConfig, base: str = "this base") -> None:
+    """Raise PhituneError when the adapter at `path` was trained on a base whose type, width or depth
+    (as recorded in `meta`) differ from `config`'s; `base` names the base in the message."""
+    recorded = meta.get("base", {})
+    for key in ("model_type", "hidden_size", "num_hidden_layers"):
+        want, have = recorded.get(key), getattr(config, key, None)
+        if want is not None and want != have:
+            raise PhituneError(f"{path}: adapter was trained on a base with {key}={want}, but {base} has "
+                               f"{key}={have}; pass the base it was trained on with --model "
+                               f"{recorded.get('model', '')}")
+
+
+def load_adapter(base_model: PreTrainedModel | PeftModel, path: str | Path, meta: dict[str, Any] | None = None,
+                 adapter_name: str = "default") -> PeftModel:
     """Attach a saved adapter to `base_model`, checking that it was trained on this architecture and width."""
     from peft import PeftModel
     meta = read_adapter_meta(path) if meta is None else meta
-    base = meta.get("base", {})
-    cfg = base_model.config
-    for key, have in (("model_type", cfg.model_type), ("hidden_size", cfg.hidden_size),
-                      ("num_hidden_layers", cfg.num_hidden_layers)):
-        want = base.get(key)
-        if want is not None and want != have:
-            raise PhituneError(f"{path}: adapter was trained on a base with {key}={want}, but this base has "
-                               f"{key}={have}; pass the base it was trained on with --model {base.get('model', '')}")
+    check_base(path, meta, base_model.config)
     try:
         if isinstance(base_model, PeftModel):
             base_model.load_adapter(str(path), adapter_name=adapter_name)

@@ -30,12 +30,14 @@ class DevicePlan:
     notes: list = field(default_factory=list)
 
     def describe(self) -> str:
+        """One line for the run log: device, dtypes, attention and LoRA layer paths."""
         compute = str(self.autocast_dtype or self.weights_dtype).replace("torch.", "")
         return (f"{self.device.type}, weights {str(self.weights_dtype).replace('torch.', '')}, compute {compute}, "
                 f"attention {self.attention}, LoRA layer {self.lora_layer}")
 
 
-def make_plan(device, weights_dtype, autocast_dtype, quantized: bool, longest: int) -> DevicePlan:
+def make_plan(device: torch.device, weights_dtype: torch.dtype, autocast_dtype: torch.dtype | None, quantized: bool,
+              longest: int) -> DevicePlan:
     """The hardware path for a run on `device` whose longest example has `longest` tokens."""
     plan = DevicePlan(device, weights_dtype, autocast_dtype)
     if device.type == "cpu":
@@ -53,7 +55,7 @@ def make_plan(device, weights_dtype, autocast_dtype, quantized: bool, longest: i
     return plan
 
 
-def apply(model, plan: DevicePlan) -> int:
+def apply(model: torch.nn.Module, plan: DevicePlan) -> int:
     """Put `plan` into a PEFT model (attention, LoRA layers); returns how many LoRA layers were fused."""
     fused = 0
     if plan.attention == "phitune_cpu":
@@ -71,7 +73,7 @@ def apply(model, plan: DevicePlan) -> int:
     return fused
 
 
-def decide_checkpointing(setting: str, need_without: int | None, available: int | None) -> tuple:
+def decide_checkpointing(setting: str, need_without: int | None, available: int | None) -> tuple[bool, str]:
     """(on, reason): forced by true/false; with auto, off only when the run fits without it with margin."""
     if setting in ("true", "false"):
         return setting == "true", f"{'on' if setting == 'true' else 'off'}: --gradient_checkpointing {setting}"

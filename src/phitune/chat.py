@@ -3,14 +3,22 @@
 Interactive in a terminal (line editing and history through readline); with --prompt or piped stdin it
 answers and exits, printing only answers on stdout so it can be scripted.
 """
+from __future__ import annotations
+
 import json
 import sys
 import threading
+from typing import TYPE_CHECKING, Any
 
 from phitune import generate as gen
 from phitune.config import add_arguments, settings
 from phitune.config_commands import ChatArgs, ChatSampling, OneModel
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    import argparse
+
+    from phitune.engine import Sampling
 
 HELP = """commands:
   /help            this list
@@ -25,11 +33,13 @@ HELP = """commands:
 GROUPS = {"model": OneModel, "chat": ChatArgs, "sampling": ChatSampling}
 
 
-def add_parser(p):
+def add_parser(p: argparse.ArgumentParser) -> None:
+    """Add the chat options (model, chat and sampling groups) to the subcommand parser p."""
     add_arguments(p, GROUPS)
 
 
-def main(args):
+def main(args: argparse.Namespace) -> int:
+    """Run `phitune chat` with parsed args: one answer (--prompt), one per stdin line, or a session."""
     args = settings(args, GROUPS)
     sampling = args.parts["sampling"].sampling()
     paths = args.parts["model"].adapters
@@ -49,7 +59,8 @@ def main(args):
     return 0
 
 
-def answer(loaded, conversation, sampling, adapter, echo=True):
+def answer(loaded: gen.Loaded, conversation: list[dict[str, str]], sampling: Sampling, adapter: str | None,
+           echo: bool = True) -> str:
     """Stream one answer; returns its text. Ctrl-C ends the answer early and keeps what was said."""
     cancel = threading.Event()
     text = ""
@@ -71,11 +82,14 @@ def answer(loaded, conversation, sampling, adapter, echo=True):
 
 
 class Session:
-    def __init__(self, loaded, sampling, adapter):
-        self.loaded, self.sampling, self.adapter = loaded, sampling, adapter
-        self.history = []
+    """An interactive conversation in the terminal, with /commands."""
 
-    def run(self):
+    def __init__(self, loaded: gen.Loaded, sampling: Sampling, adapter: str | None) -> None:
+        self.loaded, self.sampling, self.adapter = loaded, sampling, adapter
+        self.history: list[dict[str, Any]] = []
+
+    def run(self) -> None:
+        """Read prompts until /quit or Ctrl-D, answering each with the conversation so far."""
         try:
             import readline  # noqa: F401  (gives input() line editing and history)
         except ImportError:
@@ -104,7 +118,8 @@ class Session:
             reply = answer(self.loaded, self.history, self.sampling, self.adapter)
             self.history.append({"role": "assistant", "content": reply})
 
-    def command(self, line):
+    def command(self, line: str) -> str | None:
+        """Carry out one /command line; returns "quit" to end the session, else None."""
         name, _, arg = line.partition(" ")
         arg = arg.strip()
         try:
@@ -139,7 +154,7 @@ class Session:
         return None
 
 
-def _number(text, kind, usage, low):
+def _number(text: str, kind: type, usage: str, low: float) -> Any:
     try:
         value = kind(text)
     except ValueError:

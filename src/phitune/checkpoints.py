@@ -3,12 +3,16 @@
 checkpoint-STEP/ holds the adapter weights, optimizer, scheduler, RNG and the loop state (step, best
 validation loss, patience). state.json is written last, so a directory without it is incomplete.
 """
+from __future__ import annotations
+
 import json
 import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import set_peft_model_state_dict
@@ -19,7 +23,7 @@ from phitune.errors import PhituneError
 _NAME = re.compile(r"checkpoint-(\d+)$")
 
 
-def atomic_dir(final, write):
+def atomic_dir(final: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp_dir), then rename tmp_dir to `final` (replacing an older one)."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp")
@@ -36,7 +40,7 @@ def atomic_dir(final, write):
         os.replace(tmp, final)
 
 
-def rng_state():
+def rng_state() -> dict[str, Any]:
     """The random generators' state (dropout draws), to be saved with the step it belongs to."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -44,9 +48,11 @@ def rng_state():
     return rng
 
 
-def save(output_dir, step, model, optimizer, scheduler, state, keep, rng=None):
+def save(output_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any], keep: int,
+         rng: dict[str, Any] | None = None) -> Path:
     """checkpoint-STEP/; `rng` is the RNG state as of the end of that step (default: now)."""
-    def write(tmp):
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -59,7 +65,7 @@ def save(output_dir, step, model, optimizer, scheduler, state, keep, rng=None):
     return path
 
 
-def complete(output_dir):
+def complete(output_dir: str | Path) -> list[Path]:
     """Complete checkpoint directories, oldest first."""
     found = []
     for p in Path(output_dir).glob("checkpoint-*"):
@@ -69,18 +75,21 @@ def complete(output_dir):
     return [p for _, p in sorted(found)]
 
 
-def partial(output_dir):
+def partial(output_dir: str | Path) -> list[Path]:
+    """Checkpoint directories left half-written by an interrupted save."""
     return sorted(p for p in Path(output_dir).glob(".checkpoint-*.tmp"))
 
 
-def latest(output_dir):
+def latest(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in output_dir, or None; warns about incomplete ones."""
     for p in partial(output_dir):
         print(f"phitune: ignoring incomplete checkpoint {p} (interrupted while saving)", file=sys.stderr)
     done = complete(output_dir)
     return done[-1] if done else None
 
 
-def load(path, model, optimizer, scheduler):
+def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
     """Restore a checkpoint into model/optimizer/scheduler; returns the saved loop state."""
     path = Path(path)
     try:

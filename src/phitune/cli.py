@@ -1,9 +1,12 @@
 """`phitune <command>`: one entry point; each command is a module with add_parser() and main()."""
+from __future__ import annotations
+
 import argparse
 import importlib
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 from phitune import __version__
 from phitune.errors import PhituneError
@@ -23,7 +26,8 @@ COMMANDS = {
 }
 
 
-def build_parser(argv):
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The phitune parser; only the subcommand named in argv is imported and gets its options."""
     parser = argparse.ArgumentParser(prog="phitune", description="Fine-tune small language models with LoRA.")
     parser.add_argument("--version", action="version", version=f"phitune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -40,7 +44,8 @@ def build_parser(argv):
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: run one subcommand (argv defaults to sys.argv[1:]) and exit with its status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Library deprecation notices are for phitune's developers, not its users.

@@ -9,22 +9,31 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
 from phitune.errors import ConfigError, PhituneError
 
 
-def opt(default, help, **extra):
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with its --help text; extra metadata: choices, nargs, aliases, repeat, switch, required."""
     meta = {"help": help, **extra}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def default_of(f):
+def default_of(f: dataclasses.Field) -> Any:
+    """The default value of a dataclass field (a fresh one for default_factory fields)."""
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def at_least_one(obj: Any, *names: str) -> None:
+    """Raise ConfigError for the first of the fields `names` of obj that is below 1."""
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise ConfigError(name, f"must be >= 1, got {getattr(obj, name)}")
 
 
 @dataclass
@@ -37,7 +46,7 @@ class ModelArgs:
                                  "supports it)",
                          choices=("auto", "bf16", "fp32", "fp16"))
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("model", "is empty; give a hub id, a directory, a .gguf file or smollm2-135m-instruct")
 
@@ -53,7 +62,7 @@ class LoraArgs:
     use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA): slower steps, often better quality")
     use_rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r), for high ranks")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = self.target_modules.replace(",", " ").split()
         if self.lora_r < 1:
@@ -87,7 +96,7 @@ class DataArgs:
                         choices=("auto", "chat", "phi2"))
     system_prompt: Optional[str] = opt(None, "system prompt put before every example (and used at chat time)")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not 0 <= self.val_split < 1:
             raise ConfigError("val_split", f"must be in [0, 1), got {self.val_split}")
         if self.columns:
@@ -132,11 +141,9 @@ class TrainArgs:
                               "allowed; offline where the tracker can be)", nargs="+")
     run_name: Optional[str] = opt(None, "run name shown in the trackers (default: the --output_dir folder name)")
 
-    def __post_init__(self):
-        for name in ("batch_size", "gradient_accumulation_steps", "save_total_limit", "logging_steps",
-                     "max_nonfinite_steps", "num_processes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+    def __post_init__(self) -> None:
+        at_least_one(self, "batch_size", "gradient_accumulation_steps", "save_total_limit", "logging_steps",
+                     "max_nonfinite_steps", "num_processes")
         for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -163,7 +170,8 @@ class RunConfig:
     data: DataArgs
     train: TrainArgs
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
+        """Every field of every part in one flat dict (as saved with the adapter and sent to trackers)."""
         out = {}
         for part in (self.model, self.lora, self.data, self.train):
             out.update(dataclasses.asdict(part))
@@ -173,13 +181,13 @@ class RunConfig:
 GROUPS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs}
 
 
-def _base_type(tp):
+def _base_type(tp: Any) -> Any:
     if typing.get_origin(tp) is typing.Union:
         return next(a for a in typing.get_args(tp) if a is not type(None))
     return tp
 
 
-def add_arguments(parser, groups=GROUPS):
+def add_arguments(parser: argparse.ArgumentParser, groups: dict[str, type] = GROUPS) -> None:
     """Add one flag per dataclass field; defaults are SUPPRESSed so we can tell which flags were given."""
     for title, cls in groups.items():
         group = parser.add_argument_group(title)
@@ -207,7 +215,8 @@ def add_arguments(parser, groups=GROUPS):
     parser.add_argument("--config", help="YAML file of the same fields; flags given on the command line win")
 
 
-def load_yaml(path):
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a --config YAML file; PhituneError when missing or not a mapping."""
     p = Path(path)
     if not p.is_file():
         raise PhituneError(f"{path}: config file not found")
@@ -220,7 +229,7 @@ def load_yaml(path):
     return data
 
 
-def build_config(args, groups=GROUPS):
+def build_config(args: argparse.Namespace, groups: dict[str, type] = GROUPS) -> dict[str, Any]:
     """Merge dataclass defaults, the --config YAML and explicit flags, then validate every field."""
     known = {f.name: name for name, cls in groups.items() for f in dataclasses.fields(cls)}
     values = {}
@@ -246,7 +255,7 @@ def build_config(args, groups=GROUPS):
     return parts
 
 
-def settings(args, groups):
+def settings(args: argparse.Namespace, groups: dict[str, type]) -> Any:
     """A command's typed, validated settings as one namespace (field -> value), plus each part by group name."""
     import types
     parts = build_config(args, groups)
@@ -254,7 +263,7 @@ def settings(args, groups):
     return types.SimpleNamespace(**flat, parts=parts, _argv=getattr(args, "_argv", None))
 
 
-def _coerce(name, value, kind, f):
+def _coerce(name: str, value: Any, kind: type, f: dataclasses.Field) -> Any:
     if value is None:
         return None
     try:

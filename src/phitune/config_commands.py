@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-from phitune.config import opt
+from phitune.config import at_least_one, opt
 from phitune.engine import Sampling
 from phitune.errors import ConfigError
 from phitune.gguf_writer import OUTTYPES
@@ -36,7 +36,8 @@ class OneModel(Models):
     adapter_path: Optional[str] = opt(None, "adapter directory (a run's final_adapter/); omit for the base")
 
     @property
-    def adapters(self) -> list:
+    def adapters(self) -> list[str]:
+        """The adapter directory as a list: empty for the base model."""
         return [self.adapter_path] if self.adapter_path else []
 
 
@@ -49,17 +50,17 @@ class SamplingArgs:
     repetition_penalty: float = opt(1.0, "> 1 discourages repeats")
     seed: Optional[int] = opt(None, "seed for sampling (a random one is drawn and recorded when sampling)")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
-        if self.max_new_tokens < 1:
-            raise ConfigError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        at_least_one(self, "max_new_tokens")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.repetition_penalty <= 0:
             raise ConfigError("top_k" if self.top_k < 0 else "repetition_penalty", "must be positive")
 
     def sampling(self) -> Sampling:
+        """These settings as an engine Sampling, with a random seed drawn (and kept) when sampling unseeded."""
         seed = self.seed
         if self.temperature > 0 and seed is None:
             seed = random.randrange(2**31)
@@ -85,9 +86,8 @@ class CompareArgs:
     batch_size: int = opt(16, "answers generated together (all models share the batches)")
     no_color: bool = opt(False, "plain text output")
 
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+    def __post_init__(self) -> None:
+        at_least_one(self, "batch_size")
 
 
 @dataclass
@@ -101,10 +101,8 @@ class EvalArgs:
     no_generate: bool = opt(False, "loss and perplexity only (fast)")
     limit: Optional[int] = opt(None, "score only the first N questions")
 
-    def __post_init__(self):
-        for name in ("max_length", "batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+    def __post_init__(self) -> None:
+        at_least_one(self, "max_length", "batch_size", "max_new_tokens")
 
 
 @dataclass
@@ -119,10 +117,8 @@ class ServeArgs:
     max_queue: int = opt(64, "requests waiting at once; more get 429")
     max_batch: int = opt(16, "requests generated together in one batch")
 
-    def __post_init__(self):
-        for name in ("max_tokens_limit", "max_body_bytes", "max_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+    def __post_init__(self) -> None:
+        at_least_one(self, "max_tokens_limit", "max_body_bytes", "max_batch")
 
 
 @dataclass

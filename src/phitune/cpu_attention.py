@@ -9,18 +9,24 @@ the model is loaded in bf16: cos/sin in bf16, the query scaled before the matmul
 heads stacked against its shared k and v (no copies; the k and v gradients are summed by the matmul),
 the mask added in bf16, softmax on bf16 scores (accumulated in fp32 by the kernel).
 """
+from __future__ import annotations
+
 import types
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from phitune.cpu_lora import BF16
+
 NAME = "phitune_cpu"
-BF16 = torch.bfloat16
 
 
-def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def grouped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs: Any
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """query (B, H, T, D), key/value (B, Hkv, S, D) -> ((B, T, H, D), probabilities)."""
     if dropout or kwargs.get("softcap") or query.device.type != "cpu":
         return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
@@ -38,12 +44,13 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     return out.view(b, h, t, d).transpose(1, 2), probs
 
 
-def _bf16_rotary(self, x, *args, **kwargs):
+def _bf16_rotary(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = type(self).forward(self, x, *args, **kwargs)
     return cos.to(BF16), sin.to(BF16)
 
 
-def use_cpu_attention(model):
+def use_cpu_attention(model: torch.nn.Module) -> None:
     """Switch a model training under bf16 autocast on CPU to grouped_attention and bf16 rotary tables."""
     AttentionInterface.register(NAME, grouped_attention)
     AttentionMaskInterface.register(NAME, eager_mask)  # the additive float mask eager attention uses

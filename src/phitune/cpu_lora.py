@@ -23,9 +23,12 @@ savings is the sparse dropout, the scaling folded into `addmm`, and the leaner b
 Numerics match PEFT under autocast up to bf16 rounding, and PEFT in fp32 up to float rounding
 (tests/test_cpu_lora.py).
 """
+from __future__ import annotations
+
 import math
 import types
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,7 @@ from torch import nn
 BF16 = torch.bfloat16
 
 
-def dropped_positions(n, p, device=None):
+def dropped_positions(n: int, p: float, device: torch.device | str | None = None) -> torch.Tensor:
     """Flat positions (int64, possibly repeated) of the elements of an n-element tensor that dropout
     with probability p drops: each element independently, with probability exactly p."""
     rate = -math.log1p(-p)
@@ -50,7 +53,8 @@ def dropped_positions(n, p, device=None):
     return torch.nonzero(bits.view(torch.int16)[:n] < round(p * 65536) - 32768).squeeze(1)
 
 
-def drop_mask(shape, p, device=None):
+def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str | None = None
+              ) -> torch.Tensor:
     """Boolean mask, True where an element is dropped; the same draw as dropped_positions."""
     idx = dropped_positions(math.prod(shape), p, device)
     return torch.zeros(math.prod(shape), dtype=torch.bool, device=device).index_fill_(0, idx, True).view(shape)
@@ -59,16 +63,18 @@ def drop_mask(shape, p, device=None):
 class FastDropout(nn.Module):
     """nn.Dropout with dropped_positions' cheaper draws, for LoRA layers the fused path does not cover."""
 
-    def __init__(self, p):
+    def __init__(self, p: float) -> None:
         super().__init__()
         self.p = float(p)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x scaled by 1/(1-p) with dropped elements zeroed in training; x itself in eval or for p=0."""
         if not self.training or self.p == 0:
             return x
         return (x * (1.0 / (1.0 - self.p))).masked_fill(drop_mask(x.shape, self.p, x.device), 0)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
+        """Shown in print(model), as nn.Dropout shows its p."""
         return f"p={self.p}"
 
 
@@ -131,7 +137,7 @@ class _SharedCast:
 _shared_cast = _SharedCast()
 
 
-def _fused_forward(self, x, *args, **kwargs):
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     active = self.active_adapters
     base = self.base_layer
     dtype = base.weight.dtype
@@ -151,7 +157,7 @@ def _fused_forward(self, x, *args, **kwargs):
                              self.lora_B[name].weight, float(self.scaling[name]), p)
 
 
-def _fusable(module, name):
+def _fusable(module: nn.Module, name: str) -> bool:
     base = getattr(module, "base_layer", None)
     return (type(base) is nn.Linear and name in module.lora_A and name not in getattr(module, "lora_variant", {})
             and not getattr(module, "fan_in_fan_out", False) and not getattr(module, "lora_bias", {}).get(name)
@@ -159,7 +165,7 @@ def _fusable(module, name):
             and isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)))
 
 
-def use_fused_lora(peft_model, compute_dtype=BF16):
+def use_fused_lora(peft_model: nn.Module, compute_dtype: torch.dtype | None = BF16) -> int:
     """Route single-adapter LoRA linears through _LoraLinear for CPU training.
 
     compute_dtype: torch.bfloat16 (training under bf16 autocast: the frozen base weights are stored in

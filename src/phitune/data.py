@@ -4,14 +4,21 @@ batch by length.
 Every record becomes a conversation (a list of {"role", "content"} ending with an assistant turn) or,
 for plain {"text"} records, one text trained on in full.
 """
+from __future__ import annotations
+
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from phitune import sources
 from phitune.errors import DataError
+
+if TYPE_CHECKING:
+    from phitune.templates import Template
 
 IGNORE = -100  # label id that the loss skips
 ROLES = ("system", "user", "assistant")
@@ -30,7 +37,8 @@ FORMAT_HELP = ('{"prompt","response"}, {"prompt","completion"}, {"instruction","
 
 # ---------------------------------------------------------------- reading
 
-def read_records(path, split="train", columns=None):
+def read_records(path: str | Path, split: str = "train", columns: dict[str, str] | str | None = None
+                 ) -> tuple[list[dict[str, Any]], str]:
     """Read a dataset into (records, format): the one entry point for training and evaluation data.
 
     `path` is a JSONL, JSON-array, CSV/TSV or Parquet file, a `datasets` save_to_disk directory, a directory
@@ -50,14 +58,15 @@ def read_records(path, split="train", columns=None):
     return records, fmt
 
 
-def read_jsonl(path):
+def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str]:
     """Read a JSONL file into (records, format); see read_records for every other source."""
     if Path(path).is_dir():
         raise DataError(path, None, "is a directory; give a .jsonl file")
     return read_records(path)
 
 
-def validate_records(items, path, columns=None):
+def validate_records(items: Iterable[tuple[int | str, Any]], path: str | Path,
+                     columns: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Check and normalise (location, raw dict) pairs: one format per source, every record usable.
 
     Returns (records, format). Errors name the location; with a --columns mapping they name the source's
@@ -87,11 +96,12 @@ def validate_records(items, path, columns=None):
     return records, fmt
 
 
-def _where(loc):
+def _where(loc: int | str) -> str:
     return f"line {loc}" if isinstance(loc, int) else str(loc)
 
 
-def detect_format(obj, path, lineno):
+def detect_format(obj: dict[str, Any], path: str | Path, lineno: int | str | None) -> str:
+    """The name of the FORMATS entry whose keys obj has; DataError naming path:lineno when none fits."""
     keys = set(obj)
     for name, required in FORMATS.items():
         if set(required) <= keys:
@@ -104,7 +114,8 @@ def detect_format(obj, path, lineno):
     raise DataError(path, lineno, f"no known record format in keys {sorted(keys)}{hint}; expected {FORMAT_HELP}")
 
 
-def _text(obj, key, path, lineno, allow_empty=False):
+def _text(obj: dict[str, Any], key: str, path: str | Path, lineno: int | str | None, allow_empty: bool = False
+          ) -> str:
     value = obj.get(key, "")
     if value is None:  # an empty cell in Parquet or a `datasets` table
         if allow_empty:
@@ -117,7 +128,8 @@ def _text(obj, key, path, lineno, allow_empty=False):
     return value
 
 
-def normalise(obj, fmt, path, lineno):
+def normalise(obj: dict[str, Any], fmt: str, path: str | Path, lineno: int | str | None) -> dict[str, Any]:
+    """A raw record of format fmt as {"text"} or {"messages": [{"role", "content"}, ...]}."""
     if fmt == "text":
         return {"text": _text(obj, "text", path, lineno)}
     system = _text(obj, "system", path, lineno, allow_empty=True) if "system" in obj else ""
@@ -170,14 +182,16 @@ class EncodeStats:
     dropped_lines: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # what the template does to the text, printed with the counts
 
-    def report(self, name):
+    def report(self, name: str) -> str:
+        """Counts for the dataset called name, one line, then the template's notes."""
         line = f"{name}: {self.kept} examples, {self.tokens:,} tokens ({self.answer_tokens:,} trained)"
         if self.truncated or self.dropped:
             line += f"; {self.truncated} truncated, {self.dropped} dropped (longer than --max_length)"
         return "\n".join([line] + self.notes)
 
 
-def encode_records(records, template, max_length, train_on_prompt=False, long_examples="truncate"):
+def encode_records(records: list[dict[str, Any]], template: Template, max_length: int, train_on_prompt: bool = False,
+                   long_examples: str = "truncate") -> tuple[list[dict[str, list[int]]], EncodeStats]:
     """Tokenise records into examples {"input_ids", "labels"}.
 
     Rule for examples longer than max_length tokens: with long_examples="truncate" the sequence is cut at
@@ -215,7 +229,7 @@ def encode_records(records, template, max_length, train_on_prompt=False, long_ex
 
 # ---------------------------------------------------------------- batching
 
-def split_validation(records, val_split, seed):
+def split_validation(records: list[Any], val_split: float, seed: int) -> tuple[list[Any], list[Any]]:
     """Hold out a deterministic random fraction of the records for validation."""
     if val_split <= 0 or len(records) < 2:
         return records, []
@@ -226,7 +240,8 @@ def split_validation(records, val_split, seed):
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
-def length_grouped_batches(lengths, batch_size, seed, epoch, shuffle=True):
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, shuffle: bool = True
+                           ) -> list[list[int]]:
     """Batches of similar length so that little compute goes to padding.
 
     Shuffle, then sort within windows of 64 batches and shuffle the batches: random order, small padding.
@@ -246,7 +261,7 @@ def length_grouped_batches(lengths, batch_size, seed, epoch, shuffle=True):
     return batches
 
 
-def collate(examples, pad_id):
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example. Padding is masked by position: labels -100, attention 0."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

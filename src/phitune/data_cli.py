@@ -4,16 +4,25 @@ Prints the source kind and record format, the record count, a histogram of token
 model's tokenizer and template, how many examples --max_length would truncate or drop, and three rendered
 examples (first, median length, longest) with the trained tokens marked between ⟦ and ⟧.
 """
+from __future__ import annotations
+
 import statistics
+from typing import TYPE_CHECKING
 
 from phitune import data, sources
 from phitune.errors import PhituneError
 from phitune.report import summary
 
+if TYPE_CHECKING:
+    import argparse
+
+    from transformers import PreTrainedTokenizerBase
+
 OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ trained tokens ⟧
 
 
-def add_parser(p):
+def add_parser(p: argparse.ArgumentParser) -> None:
+    """Add the `data inspect` action and its options to the subcommand parser p."""
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     q = sub.add_parser("inspect", help="format, record count, token lengths, truncation and rendered examples",
                        description="Read a dataset as `phitune train` would and show what training will see.")
@@ -29,7 +38,8 @@ def add_parser(p):
     q.add_argument("--examples", type=int, default=3, help="rendered examples to show")
 
 
-def main(args):
+def main(args: argparse.Namespace) -> int:
+    """Run `phitune data inspect` with parsed args; returns the exit code."""
     if args.max_length < 8:
         raise PhituneError(f"max_length: must be at least 8 tokens, got {args.max_length}")
     kind = sources.detect_kind(args.path)
@@ -68,7 +78,7 @@ def main(args):
     return 0
 
 
-def histogram(values, bins=10, width=40, marker=None):
+def histogram(values: list[int], bins: int = 10, width: int = 40, marker: int | None = None) -> str:
     """A text histogram of non-negative integers, with min/median/p95/max and an optional limit line."""
     lo, hi = min(values), max(values)
     step = max(1, -(-(hi - lo + 1) // bins))
@@ -89,7 +99,7 @@ def histogram(values, bins=10, width=40, marker=None):
     return "\n".join(lines)
 
 
-def pick_examples(lengths, n):
+def pick_examples(lengths: list[int], n: int) -> list[tuple[str, int]]:
     """Indices of the first, the median-length and the longest examples (distinct, up to n)."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     picks = [("first", 0), ("median length", order[len(order) // 2]), ("longest", order[-1])]
@@ -101,7 +111,8 @@ def pick_examples(lengths, n):
     return out
 
 
-def render_marked(tokenizer, ids, labels, max_length=None):
+def render_marked(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int],
+                  max_length: int | None = None) -> str:
     """Decode ids with runs of trained tokens (labels != IGNORE) between ⟦ ⟧; the cut at max_length is shown."""
     out, run, trained = [], [], None
     for k, (tok, label) in enumerate(zip(ids, labels)):
@@ -120,7 +131,7 @@ def render_marked(tokenizer, ids, labels, max_length=None):
     return "".join(out)
 
 
-def _piece(tokenizer, run, trained):
+def _piece(tokenizer: PreTrainedTokenizerBase, run: list[int], trained: bool) -> str:
     if not run:
         return ""
     text = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)

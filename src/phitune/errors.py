@@ -1,4 +1,10 @@
 """The one error type users see: a message that names the input and the fix."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class PhituneError(Exception):
@@ -8,7 +14,7 @@ class PhituneError(Exception):
 class DataError(PhituneError):
     """A dataset line that cannot be used; the message names file and line."""
 
-    def __init__(self, path, line, problem):
+    def __init__(self, path: str | Path, line: int | None, problem: str) -> None:
         self.path, self.line, self.problem = str(path), line, problem
         where = f"{path}:{line}" if line else f"{path}"
         super().__init__(f"{where}: {problem}")
@@ -17,6 +23,6 @@ class DataError(PhituneError):
 class ConfigError(PhituneError):
     """A configuration field with a value phitune cannot use."""
 
-    def __init__(self, field, problem):
+    def __init__(self, field: str, problem: str) -> None:
         self.field = field
         super().__init__(f"{field}: {problem}")

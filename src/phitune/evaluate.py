@@ -4,10 +4,12 @@ Answer-token loss and perplexity always; when records carry reference answers, b
 scored with BLEU and chrF (sacrebleu), ROUGE-L and exact match. Records with the same prompt are one
 question with several references (as in E2E).
 """
+from __future__ import annotations
+
 import json
-import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from phitune import data, models
 from phitune import generate as gen
@@ -15,15 +17,21 @@ from phitune.config import add_arguments, settings
 from phitune.config_commands import EvalArgs, Models
 from phitune.errors import PhituneError
 from phitune.loss import AnswerLoss, summed_loss
+from phitune.report import ppl
+
+if TYPE_CHECKING:
+    import argparse
 
 GROUPS = {"model": Models, "eval": EvalArgs}
 
 
-def add_parser(p):
+def add_parser(p: argparse.ArgumentParser) -> None:
+    """Add the eval options (model and eval groups) to the subcommand parser p."""
     add_arguments(p, GROUPS)
 
 
-def main(args):
+def main(args: argparse.Namespace) -> int:
+    """Run `phitune eval` with parsed args; returns the exit code."""
     args = settings(args, GROUPS)
     records, fmt = data.read_records(args.data)
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
@@ -58,11 +66,11 @@ def main(args):
     return 0
 
 
-def _key(record):
+def _key(record: dict[str, Any]) -> str:
     return json.dumps(record["messages"][:-1]) if "messages" in record else record["text"]
 
 
-def group_questions(records):
+def group_questions(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One question per distinct prompt, with every reference answer given for it."""
     by_prompt = {}
     for r in records:
@@ -73,7 +81,9 @@ def group_questions(records):
     return list(by_prompt.values())
 
 
-def loss_scores(loaded, records, adapter, max_length, batch_size):
+def loss_scores(loaded: gen.Loaded, records: list[dict[str, Any]], adapter: str | None, max_length: int,
+                batch_size: int) -> dict[str, float | int]:
+    """Answer-token loss, perplexity and token count of `records` under `adapter` (None: the base model)."""
     examples, _ = data.encode_records(records, loaded.template_for(adapter), max_length)
     if not examples:
         raise PhituneError("no example has an answer token within --max_length")
@@ -82,10 +92,10 @@ def loss_scores(loaded, records, adapter, max_length, batch_size):
         total, count = summed_loss(loss_model, examples, batch_size, loaded.tokenizer.pad_token_id, loaded.device)
     total, count = float(total), int(count)
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "answer_tokens": count}
+    return {"loss": loss, "perplexity": ppl(loss), "answer_tokens": count}
 
 
-def _lcs(a, b):
+def _lcs(a: list[str], b: list[str]) -> int:
     prev = [0] * (len(b) + 1)
     for x in a:
         cur = [0]
@@ -95,7 +105,7 @@ def _lcs(a, b):
     return prev[-1]
 
 
-def rouge_l(candidate, reference):
+def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F-measure on lower-cased whitespace tokens."""
     c, r = candidate.lower().split(), reference.lower().split()
     if not c or not r:
@@ -107,11 +117,11 @@ def rouge_l(candidate, reference):
     return 2 * p * rec / (p + rec)
 
 
-def _norm(text):
+def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def reference_scores(hypotheses, references):
+def reference_scores(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
     """Corpus BLEU/chrF over all references per question; ROUGE-L and exact match take the best reference."""
     import sacrebleu
     width = max(len(r) for r in references)
@@ -128,13 +138,15 @@ METRICS = [("loss", "answer loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2
            ("chrf", "chrF", "{:.2f}"), ("rouge_l", "ROUGE-L", "{:.2f}"), ("exact_match", "exact match %", "{:.1f}")]
 
 
-def deltas(results):
+def deltas(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each adapter's metrics minus the base model's, per metric both have."""
     base = results.get("base", {})
     return {name: {k: scores[k] - base[k] for k, _, _ in METRICS if k in scores and k in base}
             for name, scores in results.items() if name != "base"}
 
 
-def print_table(results):
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    """Print one row per metric, one column per model, then one per adapter-minus-base delta."""
     names = list(results)
     d = deltas(results)
     header = ["metric"] + names + [f"{n} - base" for n in d]

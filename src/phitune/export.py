@@ -5,19 +5,30 @@ prompts the model the way training did and stops where the tuned model stops. No
 `gguf` package writes the file. Written under a temporary name and renamed at the end, so a failed export
 leaves nothing behind.
 """
+from __future__ import annotations
+
 import copy
 import os
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from phitune import gguf_writer, merge, models
-from phitune.adapters import read_adapter_meta
+from phitune.adapters import base_model_name, check_base, read_adapter_meta
 from phitune.config import add_arguments, settings
 from phitune.config_commands import ExportArgs
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    import argparse
+
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from phitune.templates import Template
 
 # Largest |dequantized - merged| / max|merged| per tensor the read-back check accepts, per out type.
 READBACK_TOL = {"f32": 0.0, "f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2, "q4_0": 0.15}
@@ -26,11 +37,12 @@ READBACK_TOL = {"f32": 0.0, "f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2, "q4_0": 0.1
 GROUPS = {"export": ExportArgs}
 
 
-def add_parser(p):
+def add_parser(p: argparse.ArgumentParser) -> None:
+    """Add the export options to the subcommand parser p."""
     add_arguments(p, GROUPS)
 
 
-def _check_output(path):
+def _check_output(path: Path) -> None:
     """Fail before any slow work when the file cannot be written where asked."""
     if path.suffix != ".gguf":
         raise PhituneError(f"--output {path}: name the file with a .gguf extension")
@@ -43,7 +55,7 @@ def _check_output(path):
         raise PhituneError(f"--output {path}: directory {parent} is not writable")
 
 
-def _atomic_write(path, write):
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """write(tmp_path), then rename onto `path`; the temporary file is removed on any failure."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -56,13 +68,14 @@ def _atomic_write(path, write):
             tmp.unlink()
 
 
-def write_gguf(path, model, tokenizer, template, outtype, name="phitune model"):
+def write_gguf(path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: Template,
+               outtype: str, name: str = "phitune model") -> list[str]:
     """Write `model` (a merged transformers model) as a GGUF file at `path`; returns the written tensor names."""
     import gguf
     arch = gguf_writer.arch_for(model.config)
     names = []
 
-    def write(tmp):
+    def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(name)
         gguf_writer.add_hparams(w, model.config, arch, outtype)
@@ -71,16 +84,13 @@ def write_gguf(path, model, tokenizer, template, outtype, name="phitune model"):
             names.append(tname)
             encoded, raw = gguf_writer.encode_tensor(tname, data, outtype)
             w.add_tensor(tname, encoded, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        gguf_writer.write_out(w)
         check_readback(tmp, gguf_writer.tensors(model, arch), outtype)
     _atomic_write(Path(path), write)
     return names
 
 
-def check_readback(path, originals, outtype):
+def check_readback(path: str | Path, originals: Iterable[tuple[str, np.ndarray]], outtype: str) -> None:
     """Read the file back with the gguf reader and compare every tensor with the weights it came from
     (`originals`: (name, array) pairs, as gguf_writer.tensors yields them)."""
     import gguf
@@ -107,7 +117,7 @@ def check_readback(path, originals, outtype):
 _S, _U, _A = "\u2063SYS\u2063", "\u2063USER\u2063", "\u2063ANSWER\u2063"
 
 
-def _split(text, *marks):
+def _split(text: str, *marks: str) -> list[str]:
     out = []
     for m in marks:
         head, sep, text = text.partition(m)
@@ -117,7 +127,7 @@ def _split(text, *marks):
     return out + [text]
 
 
-def ollama_template(template):
+def ollama_template(template: Template) -> str:
     """A Go template for Ollama that renders one turn exactly as phitune's template does."""
     plain = copy.copy(template)
     plain.system_prompt = None
@@ -144,7 +154,8 @@ def ollama_template(template):
             "{{ .Prompt }}" + post_user + answer_pre + "{{ .Response }}" + answer_post)
 
 
-def modelfile(gguf_name, template, source):
+def modelfile(gguf_name: str, template: Template, source: str | Path) -> str:
+    """An Ollama Modelfile for gguf_name: FROM, the prompt TEMPLATE, SYSTEM and stop PARAMETERs; source: the adapter."""
     lines = [f"# Written by phitune export from {source}.",
              "# Create the model with: ollama create NAME -f Modelfile   (run it: ollama run NAME)",
              f"FROM ./{gguf_name}",
@@ -159,22 +170,16 @@ def modelfile(gguf_name, template, source):
 
 # ---------------------------------------------------------------- command
 
-def main(args):
+def main(args: argparse.Namespace) -> int:
+    """Run `phitune export` with parsed args; returns the exit code."""
     args = settings(args, GROUPS)
     out = Path(args.output).expanduser()
     _check_output(out)
     meta = read_adapter_meta(args.adapter_path)
-    base_name = args.model or meta.get("base", {}).get("model")
-    if not base_name:
-        raise PhituneError(f"{args.adapter_path}: no base model recorded; pass --model")
+    base_name = base_model_name(args.adapter_path, meta, args.model)
     config = models.load_config(base_name, args.trust_remote_code)
     arch = gguf_writer.arch_for(config)  # refuse early
-    recorded = meta.get("base", {})
-    for key in ("model_type", "hidden_size", "num_hidden_layers"):
-        if recorded.get(key) is not None and recorded[key] != getattr(config, key, None):
-            raise PhituneError(f"{args.adapter_path}: adapter was trained on a base with {key}={recorded[key]}, but "
-                               f"{base_name} has {key}={getattr(config, key, None)}; pass the base it was trained "
-                               f"on with --model {recorded.get('model', '')}")
+    check_base(args.adapter_path, meta, config, base_name)
     if args.format == "lora":
         from phitune.gguf_lora import write_lora_gguf
         n = write_lora_gguf(out, args.adapter_path, config, _atomic_write)

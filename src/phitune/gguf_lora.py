@@ -4,20 +4,28 @@ Tensors are named after the base tensor they change (`blk.N.attn_q.weight.lora_a
 llama.cpp adds `scale * alpha / r * B @ A` to that weight, as PEFT does. For the Llama family, B's rows
 get the same q/k re-ordering as the base weights in a GGUF.
 """
+from __future__ import annotations
+
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from phitune.errors import PhituneError
-from phitune.gguf_writer import LAYER_NAMES, arch_for, permute_for_llamacpp
+from phitune.gguf_writer import LAYER_NAMES, arch_for, permute_for_llamacpp, write_out
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 
 
-def write_lora_gguf(path, adapter_path, config, write):
+def write_lora_gguf(path: str | Path, adapter_path: str | Path, config: PretrainedConfig,
+                    write: Callable[[Path, Callable[[Path], None]], None]) -> int:
     """Build the GGUF LoRA for `adapter_path` (trained on a base with `config`); write(tmp) callback style:
     `write` is phitune.export's atomic writer. Returns the number of adapted matrices."""
     import gguf
@@ -42,7 +50,7 @@ def write_lora_gguf(path, adapter_path, config, write):
             raise PhituneError(f"{adapter_path}: tensor {key} has no place in a llama.cpp {arch} LoRA")
         pairs.setdefault((int(m.group(1)), names[m.group(2)]), {})[m.group(3)] = value.astype(np.float32)
 
-    def build(tmp):
+    def build(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -54,9 +62,6 @@ def write_lora_gguf(path, adapter_path, config, write):
                 b = permute_for_llamacpp(b, heads)
             w.add_tensor(f"blk.{layer}.{name}.weight.lora_a", a)
             w.add_tensor(f"blk.{layer}.{name}.weight.lora_b", b)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        write_out(w)
     write(Path(path), build)
     return len(pairs)

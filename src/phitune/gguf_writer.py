@@ -6,13 +6,23 @@ Tensor names, metadata keys and the q/k row order follow llama.cpp's own loaders
   phi2   Phi-2: LayerNorm with biases, partial rotary dimensions, parallel attention + MLP (fc1/fc2).
   phi3   Phi-3 / Phi-3.5-mini: fused qkv_proj and gate_up_proj, LongRoPE factors as two small tensors.
 """
+from __future__ import annotations
+
 import json
 import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    import gguf
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from phitune.templates import Template
 
 # transformers model_type -> llama.cpp architecture name
 ARCHS = {"llama": "llama", "mistral": "llama", "phi": "phi2", "phi3": "phi3"}
@@ -33,11 +43,13 @@ LAYER_NAMES = {
 }
 
 
-def supported():
+def supported() -> str:
+    """The model types GGUF export handles, with their llama.cpp architecture, as text for messages."""
     return ", ".join(f"{k} ({v})" for k, v in ARCHS.items())
 
 
-def arch_for(config):
+def arch_for(config: PretrainedConfig) -> str:
+    """The llama.cpp architecture name for config.model_type; PhituneError when export does not support it."""
     arch = ARCHS.get(config.model_type)
     if arch is None:
         raise PhituneError(f"export: GGUF export supports the model types {supported()}; this model is "
@@ -47,16 +59,16 @@ def arch_for(config):
 
 # ---------------------------------------------------------------- tensors
 
-def permute_for_llamacpp(w, n_head):
+def permute_for_llamacpp(w: np.ndarray, n_head: int) -> np.ndarray:
     """Rows of q/k: per head, transformers' [first half | second half] -> llama.cpp's interleaved pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rope(config):
+def _rope(config: PretrainedConfig) -> dict[str, Any]:
     return dict(getattr(config, "rope_parameters", None) or {})
 
 
-def _check_rope(config, allowed):
+def _check_rope(config: PretrainedConfig, allowed: tuple[str, ...]) -> str:
     kind = _rope(config).get("rope_type", "default")
     if kind not in allowed:
         raise PhituneError(f"export: rope_type '{kind}' is not supported for {config.model_type} GGUF export "
@@ -64,7 +76,7 @@ def _check_rope(config, allowed):
     return kind
 
 
-def tensors(model, arch):
+def tensors(model: PreTrainedModel, arch: str) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (gguf name, float32 numpy array) for every weight llama.cpp reads, one tensor at a time
     (a 4B model is not copied whole). Refuses, before yielding anything, a model with weights the layout
     has no place for."""
@@ -107,7 +119,7 @@ def tensors(model, arch):
         yield name, w
 
 
-def encode_tensor(name, data, outtype):
+def encode_tensor(name: str, data: np.ndarray, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
     """(array, raw ggml type or None) for one tensor in the chosen out type.
 
     1-D tensors (norms, biases, rope factors) stay float32, as llama.cpp's converter keeps them; a matrix
@@ -132,7 +144,8 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 
 # ---------------------------------------------------------------- hyper-parameters
 
-def add_hparams(w, cfg, arch, outtype):
+def add_hparams(w: gguf.GGUFWriter, cfg: PretrainedConfig, arch: str, outtype: str) -> None:
+    """Model hyper-parameters (sizes, heads, rope, norms) and the file type, as llama.cpp reads them for arch."""
     import gguf
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = _rope(cfg)
@@ -180,7 +193,7 @@ def add_hparams(w, cfg, arch, outtype):
 
 # ---------------------------------------------------------------- tokenizer
 
-def _pre_tokenizer_name(tj):
+def _pre_tokenizer_name(tj: dict[str, Any]) -> str:
     """llama.cpp pre-tokenizer name for a byte-level BPE tokenizer.json, read from its structure.
 
     llama.cpp identifies pre-tokenizers by name, each name standing for a fixed set of split regexes.
@@ -201,7 +214,16 @@ def _pre_tokenizer_name(tj):
                        f"llama.cpp equivalent; supported: GPT-2 byte-level, SmolLM digits + byte-level, Llama 3")
 
 
-def add_tokenizer(w, tokenizer, cfg, template):
+def write_out(w: gguf.GGUFWriter) -> None:
+    """Write everything added to `w` (header, key-values, tensors) into its file, and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def add_tokenizer(w: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, cfg: PretrainedConfig, template: Template
+                  ) -> None:
     """Vocabulary, merges, token types, pre-tokenizer, special ids and the chat template."""
     import gguf
     tj = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -271,7 +293,7 @@ PHI2_TEMPLATE = (
     "{%- endif -%}{%- endfor -%}")
 
 
-def chat_template(template):
+def chat_template(template: Template) -> str:
     """The Jinja chat template the file carries: the one phitune trained with (Phi-2: Instruct/Output),
     with the adapter's recorded system prompt used when a conversation brings none."""
     body = template.to_meta()["chat_template"] if template.kind == "chat" else PHI2_TEMPLATE

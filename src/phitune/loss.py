@@ -5,11 +5,18 @@ Computing logits for every position wastes most of the head's FLOPs and memory (
 frozen head the loss and its gradient are computed together, chunk by chunk (_HeadLoss), so no
 (tokens x vocab) tensor is kept for backward.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from phitune.data import IGNORE, collate
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 # Chunk the head+CE over answer positions so the (tokens x vocab) logits never exist all at once.
 CHUNK = 2048
@@ -24,7 +31,7 @@ class AnswerLoss(nn.Module):
     A module (not a function) so that Accelerate can wrap it for data-parallel training.
     """
 
-    def __init__(self, peft_model):
+    def __init__(self, peft_model: PeftModel) -> None:
         super().__init__()
         self.model = peft_model
         causal_lm = peft_model.get_base_model()
@@ -38,7 +45,9 @@ class AnswerLoss(nn.Module):
         biased = getattr(self.head, "bias", None) is not None
         self.fast = not (getattr(cfg, "final_logit_softcapping", None) or (self.scale != 1.0 and biased))
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch tensors (B, T) -> (summed cross-entropy over trained labels, number of trained labels)."""
         targets = labels[:, 1:]
         keep = targets != IGNORE  # (B, T-1): positions whose next token is trained
         if not self.fast:
@@ -123,7 +132,8 @@ class _HeadLoss(torch.autograd.Function):
 
 
 @torch.no_grad()
-def summed_loss(loss_model, examples, batch_size, pad_id, device, rank=0, world=1):
+def summed_loss(loss_model: nn.Module, examples: list[dict[str, list[int]]], batch_size: int, pad_id: int,
+                device: torch.device, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, trained tokens) over this process's share of `examples`, batched by length."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total = torch.zeros((), device=device)

@@ -29,13 +29,21 @@ buffers. The layer counts follow the code paths phitune trains with on each devi
 layers and bf16 attention for sequences up to 512 tokens; CUDA: PEFT's LoRA and SDPA). docs/planning.md
 states how far the estimate is from measured peaks.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from phitune.backends import (
     CPU_ATTENTION_MAX_LEN as CPU_EAGER_MAX_LEN,  # CPU runs this short keep attention probabilities
 )
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from phitune.config import LoraArgs
 
 GIB = 2 ** 30
 # What the process holds beyond the tensors it keeps: freed forward/backward temporaries the allocator keeps
@@ -63,12 +71,12 @@ class ModelShape:
     meta_model: object = field(default=None, repr=False)
 
     @property
-    def matmul_params(self):
+    def matmul_params(self) -> int:
         """Parameters that a token meets in a matmul: decoder linears plus the LM head."""
         return self.layers * sum(i * o for i, o in self.layer_linears.values()) + self.vocab * self.hidden
 
 
-def model_shape(config):
+def model_shape(config: PretrainedConfig) -> ModelShape:
     """Build `config`'s model on the meta device (no memory, no weights) and read its shape."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
@@ -88,7 +96,7 @@ def model_shape(config):
                       head_params=0 if head is None else head.weight.numel(), tied=tied, meta_model=model)
 
 
-def lora_targets(shape, lora):
+def lora_targets(shape: ModelShape, lora: LoraArgs | int) -> tuple[list[str], int, int]:
     """(short names of one layer's targeted linears, layers with adapters, trainable parameter count)."""
     if isinstance(lora, int):
         return list(shape.layer_linears), shape.layers, lora
@@ -114,24 +122,28 @@ class Estimate:
     trainable: int
 
     @property
-    def total_bytes(self):
+    def total_bytes(self) -> int:
+        """The estimated peak: the sum of the parts, in bytes."""
         return int(sum(self.parts.values()))
 
     @property
-    def total_gib(self):
+    def total_gib(self) -> float:
+        """total_bytes in GiB."""
         return self.total_bytes / GIB
 
-    def describe(self):
+    def describe(self) -> str:
+        """Each part and the total in GiB, one line."""
         return ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items()) + f" (GiB); total {self.total_gib:.2f}"
 
 
-def _nbytes(dtype):
+def _nbytes(dtype: torch.dtype) -> int:
     return 2 if dtype in (torch.bfloat16, torch.float16) else 4
 
 
-def estimate_memory(shape, lora, batch_size, seq_len, checkpointing, weights_dtype=torch.float32,
-                    compute_dtype=None, device="cpu", quantize=None, attention=None, answer_fraction=1.0,
-                    lora_dropout=None):
+def estimate_memory(shape: ModelShape, lora: LoraArgs | int, batch_size: int, seq_len: int, checkpointing: bool,
+                    weights_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu", quantize: str | None = None, attention: str | None = None,
+                    answer_fraction: float = 1.0, lora_dropout: float | None = None) -> Estimate:
     """Estimated peak memory of one micro-batch (batch_size x seq_len tokens) forward + backward + AdamW step.
 
     attention: "eager" (probabilities kept, T x T per head) or "sdpa" (only the log-sum-exp kept); default:
@@ -210,7 +222,7 @@ def estimate_memory(shape, lora, batch_size, seq_len, checkpointing, weights_dty
                     checkpointing=checkpointing, device=device, trainable=trainable)
 
 
-def fits(estimate, capacity_bytes, margin=0.9):
+def fits(estimate: Estimate, capacity_bytes: int | None, margin: float = 0.9) -> bool:
     """True when the estimate is within `margin` of the memory the device has."""
     return capacity_bytes is not None and estimate.total_bytes <= margin * capacity_bytes
 
@@ -223,14 +235,16 @@ class Suggestion:
     estimate: Estimate
 
     @property
-    def text(self):
+    def text(self) -> str:
+        """The flags to use, as a sentence for a warning."""
         flags = f"--batch_size {self.batch_size} --gradient_accumulation_steps {self.gradient_accumulation_steps}"
         if self.estimate.checkpointing:
             flags += " --gradient_checkpointing"
         return f"use {flags}: same effective batch, ~{self.estimate.total_gib:.1f} GiB"
 
 
-def suggest(shape, lora, batch_size, accumulation, seq_len, checkpointing, capacity_bytes, margin=0.9, **kw):
+def suggest(shape: ModelShape, lora: LoraArgs | int, batch_size: int, accumulation: int, seq_len: int,
+            checkpointing: bool, capacity_bytes: int | None, margin: float = 0.9, **kw: Any) -> Suggestion | None:
     """The first setting with the same effective batch that fits: smaller micro-batches first, then
     checkpointing. Returns a Suggestion, or None when even one example per micro-batch does not fit."""
     effective = batch_size * accumulation
@@ -243,7 +257,8 @@ def suggest(shape, lora, batch_size, accumulation, seq_len, checkpointing, capac
     return None
 
 
-def flops_per_token(shape, trainable, seq_len, checkpointing, answer_fraction=1.0):
+def flops_per_token(shape: ModelShape, trainable: int, seq_len: int, checkpointing: bool,
+                    answer_fraction: float = 1.0) -> float:
     """Training FLOPs per token: forward 2N, backward 2N (input gradients only: the base is frozen), one more
     forward 2N with checkpointing; attention 4 L T d per pass; the head only on trained positions."""
     decoder = shape.matmul_params - shape.vocab * shape.hidden
@@ -252,7 +267,7 @@ def flops_per_token(shape, trainable, seq_len, checkpointing, answer_fraction=1.
     return passes * 2 * decoder + passes * attn + 6 * trainable + answer_fraction * 4 * shape.vocab * shape.hidden
 
 
-def device_memory(device):
+def device_memory(device: torch.device | str) -> tuple[int, str]:
     """(bytes a run can use on this device, a description): CUDA total, MPS's recommended maximum, CPU RAM
     available. PHITUNE_AVAILABLE_MEMORY (e.g. 6GiB) overrides the figure."""
     import os
@@ -271,15 +286,16 @@ def device_memory(device):
     return vm.available, f"CPU, {vm.available / GIB:.1f} GiB RAM available of {vm.total / GIB:.1f}"
 
 
-def parse_bytes(text):
+def parse_bytes(text: str | int) -> int:
     """'6GiB', '512MiB', '1.5g' or a plain number of bytes."""
     units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
     t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
     return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
 
 
-def preflight(config, lora, batch_size, accumulation, longest, checkpointing, weights_dtype, compute_dtype, device,
-              capacity_bytes=None, quantize=None):
+def preflight(config: PretrainedConfig, lora: LoraArgs | int, batch_size: int, accumulation: int, longest: int,
+              checkpointing: bool, weights_dtype: torch.dtype, compute_dtype: torch.dtype | None,
+              device: torch.device | str, capacity_bytes: int | None = None, quantize: str | None = None) -> str | None:
     """A warning with a fitting suggestion when the run's estimated peak is beyond 90% of the device's memory;
     None when it fits (or the device's memory is unknown)."""
     device = getattr(device, "type", device)

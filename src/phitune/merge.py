@@ -1,7 +1,10 @@
 """`phitune merge`: fold an adapter into its base and save a plain transformers model, checked logit by logit."""
+from __future__ import annotations
+
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,26 +14,33 @@ from phitune.config import add_arguments, settings
 from phitune.config_commands import MergeArgs
 from phitune.errors import PhituneError
 
+if TYPE_CHECKING:
+    import argparse
+
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from phitune.templates import Template
+
 CHECK_PROMPTS = ["Hello, how are you?", "Write one sentence about the sea.", "1 2 3 4 5"]
 
 
 GROUPS = {"merge": MergeArgs}
 
 
-def add_parser(p):
+def add_parser(p: argparse.ArgumentParser) -> None:
+    """Add the merge options to the subcommand parser p."""
     add_arguments(p, GROUPS)
 
 
-def merge_adapter(adapter_path, model=None, trust_remote_code=False):
+def merge_adapter(adapter_path: str | Path, model: str | None = None, trust_remote_code: bool = False) -> tuple[
+        PreTrainedModel, PreTrainedTokenizerBase, Template, str, list[list[int]], list[torch.Tensor]]:
     """Load base + adapter in float32 and fold the adapter in.
 
     Returns (merged model, tokenizer, template, base name, check prompt ids, base+adapter logits on them):
     the last two let a caller check whatever it writes against the unmerged model.
     """
     meta = adapters.read_adapter_meta(adapter_path)
-    base_name = model or meta.get("base", {}).get("model")
-    if not base_name:
-        raise PhituneError(f"{adapter_path}: no base model recorded; pass --model")
+    base_name = adapters.base_model_name(adapter_path, meta, model)
     config = models.load_config(base_name, trust_remote_code)
     quant = getattr(config, "quantization_config", None)
     if quant and (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)):
@@ -52,13 +62,14 @@ def merge_adapter(adapter_path, model=None, trust_remote_code=False):
     return merged, tokenizer, template, base_name, ids, before
 
 
-def main(args):
+def main(args: argparse.Namespace) -> int:
+    """Run `phitune merge` with parsed args: write the merged model and check its logits; returns the exit code."""
     args = settings(args, GROUPS)
     merged, tokenizer, template, base_name, ids, before = merge_adapter(args.adapter_path, args.model,
                                                                         args.trust_remote_code)
     out = Path(args.output_dir)
 
-    def write(tmp):
+    def write(tmp: Path) -> None:
         merged.to(getattr(torch, args.dtype)).save_pretrained(tmp, safe_serialization=True)
         if template.kind == "chat":
             tokenizer.chat_template = template.to_meta()["chat_template"]

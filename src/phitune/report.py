@@ -1,13 +1,16 @@
 """What a person sees of a run: metrics.jsonl, loss.png, the summary table and the next commands."""
+from __future__ import annotations
+
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 
 class MetricsLog:
     """Append-only metrics.jsonl; on resume, rows past the resumed step are dropped (they will be redone)."""
 
-    def __init__(self, output_dir, resume_step=None):
+    def __init__(self, output_dir: str | Path, resume_step: int | None = None) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.rows = []
         if resume_step is not None and self.path.is_file():
@@ -17,13 +20,15 @@ class MetricsLog:
                     self.rows.append(row)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
-    def add(self, **row):
+    def add(self, **row: Any) -> None:
+        """Append one row (floats rounded to 6 digits) to the log and to metrics.jsonl."""
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
         self.rows.append(row)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
-    def plot(self):
+    def plot(self) -> None:
+        """Draw train and validation loss against the step into loss.png beside metrics.jsonl."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -43,11 +48,12 @@ class MetricsLog:
         plt.close(fig)
 
 
-def summary(rows):
+def summary(rows: list[tuple[str, Any]]) -> str:
     """A two-column table as text."""
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
 
-def ppl(loss):
+def ppl(loss: float) -> float:
+    """Perplexity for a mean loss in nats, capped at exp(50) so a diverged run does not overflow."""
     return math.exp(min(loss, 50))

@@ -14,11 +14,15 @@ Column mapping (--columns prompt=question,response=answer) renames the source's 
 validation; messages=conversations also maps ShareGPT turns ({"from": "human"|"gpt"|..., "value"}) to
 {"role", "content"}.
 """
+from __future__ import annotations
+
 import csv
 import difflib
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from phitune.errors import ConfigError, DataError, PhituneError
 
@@ -30,7 +34,7 @@ SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 
 
-def parse_columns(spec):
+def parse_columns(spec: str | None) -> dict[str, str]:
     """'prompt=question,response=answer' -> {"prompt": "question", "response": "answer"} (phitune field -> source)."""
     if not spec:
         return {}
@@ -51,7 +55,7 @@ def parse_columns(spec):
     return mapping
 
 
-def detect_kind(path):
+def detect_kind(path: str | Path) -> str:
     """The kind of source `path` names (see the module docstring); raises DataError when there is none."""
     p = Path(path).expanduser()
     if p.is_dir():
@@ -72,7 +76,7 @@ def detect_kind(path):
     raise DataError(path, None, "file not found")
 
 
-def rows(path, kind=None, split="train"):
+def rows(path: str | Path, kind: str | None = None, split: str = "train") -> Iterator[tuple[int | str, Any]]:
     """Yield (location, raw record) from any source kind."""
     kind = kind or detect_kind(path)
     if kind == "jsonl":
@@ -87,7 +91,8 @@ def rows(path, kind=None, split="train"):
         yield from _datasets(path, kind, split)
 
 
-def mapped(items, path, columns):
+def mapped(items: Iterable[tuple[int | str, Any]], path: str | Path, columns: dict[str, str]
+           ) -> Iterator[tuple[int | str, Any]]:
     """Apply a --columns mapping (phitune field -> source column) to (location, record) pairs."""
     if not columns:
         yield from items
@@ -107,7 +112,7 @@ def mapped(items, path, columns):
         yield loc, renamed
 
 
-def sharegpt(obj, path, loc):
+def sharegpt(obj: Any, path: str | Path, loc: int | str) -> Any:
     """Map ShareGPT turns ({"from", "value"}) in obj["messages"] to {"role", "content"}; other records pass."""
     messages = obj.get("messages")
     if isinstance(messages, str) and messages.lstrip().startswith("["):  # CSV/Parquet cells holding JSON
@@ -132,13 +137,13 @@ def sharegpt(obj, path, loc):
 
 # ---------------------------------------------------------------- readers
 
-def _first_char(p):
+def _first_char(p: Path) -> str:
     with open(p, "rb") as fh:
         head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return head[:1].decode("latin-1")
 
 
-def _jsonl(path):
+def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -155,7 +160,7 @@ def _jsonl(path):
                 raise DataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _json_array(path):
+def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         items = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
@@ -166,7 +171,7 @@ def _json_array(path):
         yield f"item {i}", obj
 
 
-def _csv(path, delimiter):
+def _csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long answers are one cell
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -190,7 +195,7 @@ def _csv(path, delimiter):
         raise DataError(path, None, f"not readable as CSV: {e}") from None
 
 
-def _need(package, what):
+def _need(package: str, what: str) -> Any:
     try:
         return __import__(package)
     except ImportError:
@@ -198,7 +203,7 @@ def _need(package, what):
                            f"(or pip install 'phitune[data]')") from None
 
 
-def _parquet(path):
+def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
     _need("pyarrow", "reading Parquet")
     import pyarrow.parquet as pq
     try:
@@ -212,7 +217,7 @@ def _parquet(path):
             i += 1
 
 
-def _datasets(path, kind, split):
+def _datasets(path: str | Path, kind: str, split: str) -> Iterator[tuple[str, Any]]:
     _need("datasets", f"reading {path}")
     import datasets
     datasets.disable_progress_bars()

@@ -13,13 +13,20 @@ them) give different ids for a piece alone than for the same piece inside the co
 the prompt before answer k are exactly encode_prompt(history up to k), and the answer ids are the ones
 the whole rendered conversation tokenises to.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from phitune.data import IGNORE
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _SENTINEL = "\u2063PHITUNE_ANSWER\u2063"
 
 
-def _own_chat_template(tokenizer, chat_template):
+def _own_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str | None:
     """The chat template text this Template uses; the tokenizer object is never modified, so one tokenizer
     can serve several adapters, each with its own template."""
     if chat_template is not None:
@@ -33,7 +40,12 @@ def _own_chat_template(tokenizer, chat_template):
 
 
 class Template:
-    def __init__(self, tokenizer, kind="auto", system_prompt=None, chat_template=None):
+    """How a conversation becomes tokens and labels for one tokenizer: a chat template or Phi-2's format."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, kind: str = "auto", system_prompt: str | None = None,
+                 chat_template: str | None = None) -> None:
+        """kind: auto (chat when the tokenizer has a chat template, else phi2), chat or phi2;
+        chat_template: a template text to use instead of the tokenizer's own."""
         self.tok = tokenizer
         self.chat_template = _own_chat_template(tokenizer, chat_template)
         has_chat = bool(self.chat_template)
@@ -44,7 +56,7 @@ class Template:
         self.kind = kind
         self.system_prompt = system_prompt or None
         self.eos_token = tokenizer.eos_token
-        self.notes = []  # facts about the template worth printing once when training starts (take_notes)
+        self.notes: list[str] = []  # facts about the template worth printing once when training starts (take_notes)
         self.answer_prefix = ""
         self.end_of_turn = tokenizer.eos_token
         if kind == "chat":
@@ -52,27 +64,31 @@ class Template:
         self.stop_tokens = list(dict.fromkeys([self.end_of_turn, self.eos_token]))
 
     # -------------------------------------------------------------- facts recorded with the adapter
-    def to_meta(self):
+    def to_meta(self) -> dict[str, Any]:
+        """What an adapter's phitune.json records, so that from_meta rebuilds the same template."""
         return {"kind": self.kind, "system_prompt": self.system_prompt, "end_of_turn": self.end_of_turn,
                 "eos_token": self.eos_token, "stop_tokens": self.stop_tokens,
                 "chat_template": self.chat_template if self.kind == "chat" else None}
 
     @classmethod
-    def from_meta(cls, tokenizer, meta, system_prompt=None):
+    def from_meta(cls, tokenizer: PreTrainedTokenizerBase, meta: dict[str, Any], system_prompt: str | None = None
+                  ) -> Template:
+        """The template recorded in `meta` (to_meta's dict); system_prompt, when given, replaces the recorded one."""
         return cls(tokenizer, meta.get("kind", "auto"), system_prompt or meta.get("system_prompt"),
                    chat_template=meta.get("chat_template"))
 
-    def take_notes(self):
+    def take_notes(self) -> list[str]:
         """Notes not handed out yet, so that a run prints each once (train and validation share a template)."""
         notes, self.notes = self.notes, []
         return notes
 
-    def stop_token_ids(self):
+    def stop_token_ids(self) -> list[int]:
+        """Token ids of the stop tokens (end of turn, EOS) that the tokenizer knows, without repeats."""
         ids = [self.tok.convert_tokens_to_ids(t) for t in self.stop_tokens]
         return [i for i in dict.fromkeys(ids) if i is not None and i != self.tok.unk_token_id]
 
     # -------------------------------------------------------------- rendering
-    def _with_system(self, messages):
+    def _with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         if self.system_prompt and (not messages or messages[0]["role"] != "system"):
             return [{"role": "system", "content": self.system_prompt}] + list(messages)
         return list(messages)
@@ -107,19 +123,19 @@ class Template:
                 return prefix, token
         return prefix, self.tok.eos_token
 
-    def render_prompt(self, messages):
+    def render_prompt(self, messages: list[dict[str, str]]) -> str:
         """Text that asks the model for the next assistant turn (history ends with a user turn)."""
         messages = self._with_system(messages)
         if self.kind == "chat":
             return self._render_chat(messages, True) + self.answer_prefix
         return "".join(t + (self.eos_token if eos else "") for t, _, eos in self._phi2_pieces(messages))
 
-    def encode_prompt(self, messages):
+    def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of render_prompt(messages), tokenised exactly as in training."""
         return self._tokenize(self.render_prompt(messages))
 
     # -------------------------------------------------------------- tokenising
-    def encode(self, record):
+    def encode(self, record: dict[str, Any]) -> tuple[list[int], list[int]]:
         """(input_ids, labels) for one record; labels are IGNORE on prompt tokens, answer tokens
         (including the end-of-turn/EOS token) keep their ids."""
         tok = self.tok

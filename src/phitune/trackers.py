@@ -12,19 +12,27 @@ output_dir/tensorboard/RUN_NAME, wandb runs in offline mode (WANDB_MODE=offline 
 uploads later), MLflow writes to output_dir/mlruns unless MLFLOW_TRACKING_URI is set, and trackio keeps its
 local database (it uploads only when given a Space).
 """
+from __future__ import annotations
+
 import importlib.util
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from phitune.config import RunConfig
 
 # tracker -> (module that must import, pip package to install)
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "trackio": ("trackio", "trackio"),
             "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 
 
-def check_installed(names):
+def check_installed(names: list[str]) -> None:
     """Raise PhituneError naming the package for each asked-for tracker that is not installed."""
     missing = [(n, PACKAGES[n][1]) for n in names if importlib.util.find_spec(PACKAGES[n][0]) is None]
     if missing:
@@ -34,7 +42,7 @@ def check_installed(names):
                            f"or drop it from --report_to")
 
 
-def hparams(cfg):
+def hparams(cfg: RunConfig) -> dict[str, str | int | float | bool]:
     """The run configuration as flat str/int/float/bool values, which every tracker accepts."""
     out = {}
     for key, value in cfg.to_dict().items():
@@ -47,11 +55,14 @@ def hparams(cfg):
 
 
 class Trackers:
-    def __init__(self, trackers=()):
+    """The started trackers of one run; empty (and falsy) when none was asked for."""
+
+    def __init__(self, trackers: Any = ()) -> None:
         self.trackers = list(trackers)
 
     @classmethod
-    def start(cls, cfg, accelerator=None, logging_dir=None):
+    def start(cls, cfg: RunConfig, accelerator: Accelerator | None = None, logging_dir: str | Path | None = None
+              ) -> Trackers:
         """Start every tracker in cfg.train.report_to and store the run configuration in each.
 
         logging_dir defaults to cfg.train.output_dir. Returns an object whose log()/finish() do nothing when
@@ -75,7 +86,7 @@ class Trackers:
             trackers.append(tracker)
         return cls(trackers)
 
-    def log(self, metrics, step):
+    def log(self, metrics: dict[str, Any], step: int) -> None:
         """Log the numeric values of `metrics` at optimizer step `step`."""
         if not self.trackers:
             return
@@ -84,16 +95,17 @@ class Trackers:
         for tracker in self.trackers:
             tracker.log(values, step=step)
 
-    def finish(self):
+    def finish(self) -> None:
+        """Close every tracker (flushes their files or runs); later log() calls do nothing."""
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return bool(self.trackers)
 
 
-def _make(name, run_name, out):
+def _make(name: str, run_name: str, out: Path) -> Any:
     from accelerate import tracking
     if name == "tensorboard":
         return tracking.TensorBoardTracker(run_name, out / "tensorboard")

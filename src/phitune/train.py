@@ -3,22 +3,30 @@
 setup (train_setup.py: data, device plan, model + LoRA, optimizer, resume) -> fit (train_loop.py: the
 loop) -> finish (train_setup.py: best weights, final_adapter/, summary).
 """
+from __future__ import annotations
+
 import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phitune.config import RunConfig, add_arguments, build_config
 from phitune.errors import ConfigError
 from phitune.train_loop import fit
 from phitune.train_setup import finish, setup
 
+if TYPE_CHECKING:
+    import argparse
 
-def add_parser(parser):
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    """Add every training option (model, lora, data, train groups) to the subcommand parser."""
     add_arguments(parser)
 
 
-def main(args):
+def main(args: argparse.Namespace) -> int | None:
+    """Run `phitune train` with parsed args; with --num_processes > 1, relaunch and return its exit code."""
     parts = build_config(args)
     cfg = RunConfig(**parts)
     if not cfg.data.dataset_path:
@@ -30,7 +38,7 @@ def main(args):
     train(cfg)
 
 
-def launch(n, given):
+def launch(n: int, given: list[str]) -> int:
     """Re-run this command as N data-parallel processes through torch.distributed (gloo on CPU, NCCL on CUDA)."""
     import socket
     import subprocess

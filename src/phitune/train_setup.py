@@ -12,7 +12,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +24,10 @@ from phitune.loss import AnswerLoss
 from phitune.report import MetricsLog, summary
 from phitune.templates import Template
 from phitune.trackers import Trackers
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from peft import PeftModel
 
 
 @dataclass
@@ -37,7 +41,8 @@ class Progress:
     answer_tokens: int = 0
     seconds: float = 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The loop state as saved in a checkpoint's state.json."""
         return dict(vars(self))
 
 
@@ -68,21 +73,23 @@ class Run:
     metrics: Optional[MetricsLog] = None
     trackers: Any = None  # TensorBoard, wandb, ... (trackers.py): log(row, step), finish()
 
-    def record(self, **row) -> None:
+    def record(self, **row: Any) -> None:
         """One metrics row: metrics.jsonl on the main process, and every tracker asked for."""
         if self.metrics:
             self.metrics.add(**row)
             self.trackers.log(self.metrics.rows[-1], row["step"])
 
     def log(self, *lines: str) -> None:
+        """Print lines on the main process only (see say)."""
         say(self.accelerator, *lines)
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
+        """The device the run trains on."""
         return self.plan.device
 
 
-def say(accelerator, *lines: str) -> None:
+def say(accelerator: Accelerator, *lines: str) -> None:
     """Log lines on the main process only, without breaking the progress bar."""
     if accelerator.is_main_process:
         for line in lines:
@@ -225,7 +232,7 @@ def _memory_without_checkpointing(model_config, cfg, t, longest, plan):
         return None, None
 
 
-def enable_checkpointing(model) -> None:
+def enable_checkpointing(model: PeftModel) -> None:
     """Non-reentrant checkpointing gives LoRA weights their gradients without input-grad hooks."""
     base = model.get_base_model()
     kwargs = {"use_reentrant": False}
