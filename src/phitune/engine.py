@@ -11,6 +11,7 @@ costs; a batch mixing adapters and the base runs PEFT's mixed-adapter forward (`
 """
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -114,16 +115,17 @@ class Request:
 class Engine:
     """Steps one batch of Requests on a loaded model (see generate.load)."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, own_tokenizer: bool = False):
         self.loaded = loaded
         self.model = loaded.model
-        self.tok = loaded.tokenizer
+        # A server encodes prompts on its event loop while this engine decodes on its own thread; a fast
+        # tokenizer is not safe to share across threads ("Already borrowed"), so that engine keeps a copy.
+        self.tok = copy.deepcopy(loaded.tokenizer) if own_tokenizer else loaded.tokenizer
         self.device = loaded.device
         self.rows: list[Request] = []
         self.cache = None
         self.mask = None  # (B, L) 1 where the cache holds a real token
         self.next_ids = None  # (B,) last sampled token, not yet fed to the model
-        self.merged = None  # adapter whose update is folded into the weights now
         self.peft = bool(getattr(loaded, "adapters", None))
         weights = next(self.model.parameters())
         self.can_merge = self.peft and weights.dtype == torch.float32 and not getattr(self.model, "is_quantized", False)
@@ -201,6 +203,11 @@ class Engine:
             return self.model(**kwargs).logits[:, -1].float()
         return self.model(**kwargs, adapter_names=[BASE if a is None else a for a in adapters]).logits[:, -1].float()
 
+    @property
+    def merged(self) -> Optional[str]:
+        """The adapter whose update is folded into the weights now (kept on the model: engines share it)."""
+        return getattr(self.model, "_phitune_merged", None)
+
     def _merge(self, name):
         if self.merged == name:
             return
@@ -208,7 +215,7 @@ class Engine:
             self.model.unmerge_adapter()
         if name is not None:
             self.model.merge_adapter([name])
-        self.merged = name
+        self.model._phitune_merged = name
 
     def release(self) -> None:
         """Unfold any merged adapter, leaving the weights as loaded (call before training or saving)."""

@@ -16,6 +16,7 @@ from phitune import generate as gen
 from phitune import serve_api as api
 from phitune.config import add_arguments, settings
 from phitune.config_commands import Models, ServeArgs
+from phitune.engine import Engine
 from phitune.scheduler import Busy, Scheduler
 
 GROUPS = {"model": Models, "serve": ServeArgs}
@@ -49,7 +50,7 @@ def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=Non
     from pydantic import ValidationError
 
     app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None)
-    scheduler = Scheduler(loaded.engine, max_batch=max_batch, max_queue=max_queue)
+    scheduler = Scheduler(Engine(loaded, own_tokenizer=True), max_batch=max_batch, max_queue=max_queue)
     app.state.scheduler = scheduler
     models = ["base", *loaded.adapters]
     context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
