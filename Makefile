@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phitune-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -18,10 +18,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 demo: setup
 	bash examples/demo.sh
 
-test: setup
+# The browser tests drive Debian's chromium (Playwright's own browser download cannot be used here).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: setup browser
 	$(PY) -m pytest -q -ra
 
-test-fast: setup
+test-fast: setup browser
 	$(PY) -m pytest -q -m "not slow"
 
 # Baselines (TRL) are installed only for the benchmark.
