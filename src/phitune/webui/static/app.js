@@ -241,11 +241,12 @@ async function answer(col, view, s) {
                  temperature: s.temperature, top_p: s.top_p, max_tokens: s.max_tokens };
   const t0 = performance.now();
   let first = null, raw = "";
-  const st = { max_tokens: s.max_tokens };
+  const st = { max_tokens: s.max_tokens, sent_at: t0, pieces: 0 };   // times: performance.now() ms
   try {
     const end = await streamChat(body, col.controller.signal, (piece) => {
       if (first === null) first = performance.now();
       raw += piece;
+      st.pieces += 1;
       keepScroll(col.turns, () => { view.text.textContent = raw.replace(/^\s+/, ""); });
     });
     const t1 = performance.now();
@@ -257,6 +258,8 @@ async function answer(col, view, s) {
     if (e.name === "AbortError") st.finish_reason = "cancelled";
     else st.error = e.message;
   }
+  st.first_at = first;
+  st.done_at = performance.now();
   const content = raw.trim();
   view.text.textContent = content;
   col.history.push({ role: "assistant", content, stats: st });
