@@ -42,11 +42,13 @@ def get(url, key=KEY):
         return e.code, e.read()
 
 
-def start_server(*argv):
-    """`phitune serve ARGV --api-key KEY` on a free port; returns (base url, process) once it answers."""
+def start_server(*argv, command="serve"):
+    """`phitune serve ARGV --api-key KEY` (or `phitune compare ARGV`) on a free port; returns (base url,
+    process) once it answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", *map(str, argv), "--port", str(port),
-                             "--api-key", KEY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    key = ["--api-key", KEY] if command == "serve" else []
+    proc = subprocess.Popen([sys.executable, "-m", "phitune", command, *map(str, argv), "--port", str(port), *key],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -318,6 +320,20 @@ def test_page_and_static_files_load_without_key_but_api_needs_it(server):
         assert get(f"{server}{path}")[0] == 200
     assert "textContent" in get(f"{server}/static/app.js")[1].decode() and \
         "innerHTML" not in get(f"{server}/static/app.js")[1].decode()
+
+
+def test_compare_web_serves_the_same_page(browser, memorised_adapter):
+    url, proc = start_server("--adapter_path", f"tuned={memorised_adapter}", "--web", command="compare")
+    try:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']")  # localhost only, no key asked
+        assert page.locator(".column h2").all_text_contents() == ["base", "tuned"]
+        ask(page, RED, max_tokens=20)
+        assert history(page)["tuned"][-1]["content"] == "The code for red is one."
+        page.close()
+    finally:
+        stop_server(proc)
 
 
 @pytest.mark.slow
