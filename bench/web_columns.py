@@ -115,6 +115,8 @@ def main():
     p.add_argument("--precision", default="auto")
     p.add_argument("--question", default="Write one sentence describing this restaurant: name[The Wrestlers], "
                                          "eatType[pub], food[Chinese], priceRange[cheap], area[riverside]")
+    p.add_argument("--all_base", action="store_true", help="every column asks the base model (answers of equal "
+                   "length: the cost of batching alone)")
     p.add_argument("--screenshots", type=Path, help="save the page's screenshots into this folder and stop")
     args = p.parse_args()
     names = ["tuned"] if args.screenshots else [f"tuned-{i}" for i in range(1, max(args.columns))]
@@ -123,10 +125,11 @@ def main():
         if args.screenshots:
             screenshots(url, args.question, args.screenshots)
             return
-        models = ["base", *names]
+        models = ["base"] * max(args.columns) if args.all_base else ["base", *names]
         columns_once(url, models[:1], args.question, 4)  # warm-up: first-call costs out of the timings
         base_wall = None
-        print(f"question: {args.question!r}; greedy, max_tokens {args.max_tokens}; median of {args.repeats}")
+        print(f"question: {args.question!r}; greedy, max_tokens {args.max_tokens}; median of {args.repeats}; "
+              f"columns: {'base only' if args.all_base else 'base, then the adapter under new names'}")
         print("| columns | wall s (all answers done) | x one column | tokens per column | tokens/s (all columns) |")
         print("|---|---|---|---|---|")
         for n in args.columns:

@@ -219,6 +219,11 @@ def test_multi_turn_regenerate_export_and_eval_reads_it(server, browser, memoris
                    "--output", tmp_path / "scores.json") == 0
     assert json.loads((tmp_path / "scores.json").read_text())
 
+    page.reload()  # the key and the session survive a reload of the tab: no empty columns, no new question
+    page.wait_for_selector("body[data-ready='1']")
+    assert history(page) == h2 and page.locator(".column[data-model=base] .turn").count() == 2
+    assert page.locator(".column[data-model=tuned] .assistant .text").all_text_contents()[-1] == second
+
     page.click("#clear")
     assert page.locator(".turn").count() == 0 and history(page) == {"base": [], "tuned": []}
     page.close()

@@ -437,8 +437,9 @@ function drawChart(canvas, series, yLabel) {
   if (x1 === x0) x1 = x0 + 1;
   if (y1 === y0) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
   const margin = (y1 - y0) * 0.05;
-  y0 -= margin;
+  y0 = y0 >= 0 && y0 - margin < 0 ? 0 : y0 - margin;   // a learning rate never shows below zero
   y1 += margin;
+  const tick = (v) => (v === 0 ? "0" : Math.abs(v) < 0.01 ? v.toExponential(1) : fmt(v));
   const X = (x) => pad.l + (x - x0) / (x1 - x0) * (w - pad.l - pad.r);
   const Y = (y) => h - pad.b - (y - y0) / (y1 - y0) * (h - pad.t - pad.b);
   g.strokeStyle = "#ddd";
@@ -447,7 +448,7 @@ function drawChart(canvas, series, yLabel) {
   for (let i = 0; i <= 4; i++) {
     const y = y0 + (y1 - y0) * i / 4;
     g.beginPath(); g.moveTo(pad.l, Y(y)); g.lineTo(w - pad.r, Y(y)); g.stroke();
-    g.fillText(Math.abs(y) < 1e-3 && y !== 0 ? y.toExponential(1) : fmt(y), pad.l - 6, Y(y) + 4);
+    g.fillText(tick(y), pad.l - 6, Y(y) + 4);
   }
   g.textAlign = "center";
   for (let i = 0; i <= 4; i++) {
