@@ -3,6 +3,9 @@
     python bench/web_columns.py --adapter_path runs/demo/final_adapter --columns 1 2 3 4
     python bench/web_columns.py --adapter_path runs/demo/final_adapter --screenshots docs/
 
+On a machine shared with other work, run it with OMP_NUM_THREADS=1: with more threads than free cores,
+torch's thread barriers stall and single runs take 10x longer at random.
+
 Starts `phitune serve` with the base and the adapter served under N-1 names (the batch mixes the base
 and adapter rows exactly as with N different adapters), then, for each column count, sends the streamed
 chat requests the page sends, all at once, and times them until the last one ends. Each request asks for
@@ -12,6 +15,7 @@ as web-compare.png and web-runs.png, using Debian's chromium.
 """
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -92,8 +96,8 @@ def screenshots(url, question, folder):
         page.fill("#max_tokens", "80")
         page.fill("#input", question)
         page.press("#input", "Enter")
-        page.wait_for_function("() => window.phitune.state.inFlight > 0")
-        page.wait_for_function("() => window.phitune.state.inFlight === 0", timeout=600_000)
+        page.wait_for_function("() => window.phitune.state.inFlight === 0 && "
+                               "window.phitune.state.cols.every(c => c.history.length === 2)", timeout=600_000)
         page.click(".column:last-child .show-prompt")
         page.wait_for_function("() => document.querySelector('.column:last-child pre.prompt').textContent")
         page.screenshot(path=str(folder / "web-compare.png"))
@@ -121,24 +125,28 @@ def main():
     args = p.parse_args()
     names = ["tuned"] if args.screenshots else [f"tuned-{i}" for i in range(1, max(args.columns))]
     url, proc = start_server(args, names)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server
     try:
         if args.screenshots:
             screenshots(url, args.question, args.screenshots)
             return
         models = ["base"] * max(args.columns) if args.all_base else ["base", *names]
         columns_once(url, models[:1], args.question, 4)  # warm-up: first-call costs out of the timings
-        base_wall = None
-        print(f"question: {args.question!r}; greedy, max_tokens {args.max_tokens}; median of {args.repeats}; "
-              f"columns: {'base only' if args.all_base else 'base, then the adapter under new names'}")
-        print("| columns | wall s (all answers done) | x one column | tokens per column | tokens/s (all columns) |")
+        print(f"question: {args.question!r}; greedy, max_tokens {args.max_tokens}; {args.repeats} rounds, "
+              f"column counts interleaved in each; columns: "
+              f"{'base only' if args.all_base else 'base, then the adapter under new names'}")
+        walls, tokens = {n: [] for n in args.columns}, {}
+        for _ in range(args.repeats):  # interleaved, so that a burst of other load hits every count alike
+            for n in args.columns:
+                wall, results = columns_once(url, models[:n], args.question, args.max_tokens)
+                walls[n].append(wall)
+                tokens[n] = [t for _, _, t in results]
+        one = min(walls[args.columns[0]])
+        print(f"| columns | wall s, best | wall s, median | best x {args.columns[0]} column(s) | tokens per column |")
         print("|---|---|---|---|---|")
         for n in args.columns:
-            runs = [columns_once(url, models[:n], args.question, args.max_tokens) for _ in range(args.repeats)]
-            wall = statistics.median(w for w, _ in runs)
-            tokens = [t for _, _, t in runs[0][1]]
-            base_wall = base_wall or wall
-            print(f"| {n} | {wall:.2f} | {wall / base_wall:.2f} | {', '.join(map(str, tokens))} | "
-                  f"{sum(tokens) / wall:.0f} |", flush=True)
+            print(f"| {n} | {min(walls[n]):.2f} | {statistics.median(walls[n]):.2f} | {min(walls[n]) / one:.2f} | "
+                  f"{', '.join(map(str, tokens[n]))} |", flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -105,9 +105,12 @@ def open_page(ctx, url, width=1280, height=800):
 def ask(page, question, max_tokens=30, timeout=60_000):
     page.fill("#max_tokens", str(max_tokens))
     page.fill("#input", question)
+    turns = page.evaluate("() => window.phitune.state.cols.map(c => c.history.length)")
     page.press("#input", "Enter")
-    page.wait_for_function("() => window.phitune.state.inFlight > 0", timeout=timeout)
-    page.wait_for_function("() => window.phitune.state.inFlight === 0", timeout=timeout)
+    # every column has its answer (answers can be done before a poll would see them in flight)
+    page.wait_for_function("n => window.phitune.state.inFlight === 0 && "
+                           "window.phitune.state.cols.every((c, i) => c.history.length === n[i] + 2)",
+                           arg=turns, timeout=timeout)
 
 
 def history(page):
@@ -245,7 +248,13 @@ def test_stop_cancels_the_generation_on_the_server(server, browser):
     h = history(page)
     assert h["base"][-1]["stats"]["finish_reason"] == "cancelled"
     assert "stopped by you" in page.locator(".column[data-model=base] .stats").text_content()
+    page.fill("#input", "one two three")  # Clear in the middle of an answer: stopped, and nothing kept
+    page.press("#input", "Enter")
+    page.wait_for_function("() => document.querySelectorAll('.column[data-model=base] .assistant .text')[1]"
+                           ".textContent")
     page.click("#clear")
+    page.wait_for_function(DONE)
+    assert history(page) == {"base": [], "tuned": []} and page.locator(".turn").count() == 0
     started = time.time()  # the next question is answered at once and right: nothing left over on the server
     ask(page, RED, max_tokens=20)
     assert time.time() - started < 10 and history(page)["tuned"][-1]["content"] == "The code for red is one."
@@ -325,6 +334,31 @@ def test_page_and_static_files_load_without_key_but_api_needs_it(server):
         assert get(f"{server}{path}")[0] == 200
     assert "textContent" in get(f"{server}/static/app.js")[1].decode() and \
         "innerHTML" not in get(f"{server}/static/app.js")[1].decode()
+
+
+def test_run_dir_flag_adds_a_run_in_progress(memorised_adapter, tmp_path):
+    """--run_dir shows a run that has no final_adapter yet (its metrics so far); routes need the key."""
+    import shutil
+    from fastapi.testclient import TestClient
+    from phitune import generate as gen
+    from phitune.serve import build_app
+    live = tmp_path / "live-run"
+    live.mkdir()
+    shutil.copy(memorised_adapter.parent / "metrics.jsonl", live / "metrics.jsonl")
+    with open(live / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 61, "loss": 0.4')  # the line being written right now
+    app = build_app(gen.load([f"tuned={memorised_adapter}"]), api_key=KEY, run_dirs=[live])
+    with TestClient(app) as client:
+        assert client.get("/phitune/runs").status_code == 401
+        auth = {"Authorization": f"Bearer {KEY}"}
+        runs = client.get("/phitune/runs", headers=auth).json()["runs"]
+        assert [r["name"] for r in runs] == ["tuned", "live-run"]
+        run = client.get("/phitune/runs/live-run", headers=auth).json()
+        assert len(run["rows"]) == 60 and run["unreadable_lines"] == 1 and run["finished"] is False
+        assert run["summary"]["steps"] == 60
+        assert client.get("/phitune/runs/nope", headers=auth).status_code == 404
+        bad = client.post("/phitune/render", headers=auth, json={"model": "ghost", "messages": []})
+        assert bad.status_code == 404 and "ghost" in bad.json()["error"]["message"]
 
 
 def test_compare_web_serves_the_same_page(browser, memorised_adapter):

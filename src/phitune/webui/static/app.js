@@ -175,7 +175,7 @@ function buildColumns() {
   const box = $("#columns");
   box.textContent = "";
   state.cols = state.info.models.map((m) => {
-    const col = { name: m.name, model: m, history: [], busy: false, controller: null };
+    const col = { name: m.name, model: m, history: [], busy: false, controller: null, round: 0 };
     const promptBox = el("pre", { class: "prompt", hidden: "" });
     const promptMeta = el("div", { class: "meta prompt-meta", hidden: "" });
     const turns = el("div", { class: "turns" });
@@ -232,6 +232,7 @@ function showStats(box, st) {
 
 // Generate the answer to the last user turn of `col.history` into `view` ({text, stats}).
 async function answer(col, view, s) {
+  const round = col.round;   // Clear starts a new round: an answer cancelled by it is not kept
   col.busy = true;
   col.regen.disabled = true;
   col.controller = new AbortController();
@@ -260,15 +261,16 @@ async function answer(col, view, s) {
   }
   st.first_at = first;
   st.done_at = performance.now();
+  col.busy = false;
+  col.controller = null;
+  state.inFlight -= 1;
+  updateButtons();
+  if (col.round !== round) return;
   const content = raw.trim();
   view.text.textContent = content;
   col.history.push({ role: "assistant", content, stats: st });
   keepScroll(col.turns, () => showStats(view.stats, st));
-  col.busy = false;
-  col.controller = null;
   col.regen.disabled = false;
-  state.inFlight -= 1;
-  updateButtons();
   save();
   if (!col.promptBox.hidden) renderPrompt(col);
 }
@@ -301,6 +303,7 @@ function stopAll() {
 function clearAll() {
   stopAll();
   for (const col of state.cols) {
+    col.round += 1;
     col.history = [];
     col.turns.textContent = "";
     col.regen.disabled = true;
