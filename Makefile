@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phitune-installed
 
-.PHONY: setup llamacpp lint demo test test-fast bench clean
+.PHONY: setup llamacpp browser lint demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,13 +25,17 @@ $(LLAMACPP): tools/llamacpp/package-lock.json
 demo: setup
 	bash examples/demo.sh
 
-test: setup llamacpp lint
+# The browser tests drive Debian's chromium (Playwright's own browser download cannot be used here).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: setup llamacpp browser lint
 	$(PY) -m pytest -q -ra
 
 lint: setup
 	$(PY) -m ruff check src tests bench
 
-test-fast: setup llamacpp
+test-fast: setup llamacpp browser
 	$(PY) -m pytest -q -m "not slow"
 
 # Baselines (TRL) are installed only for the benchmark.

@@ -115,9 +115,9 @@ def llamacpp(gguf, prompts_ids, n_new, threads):
             "mean_tokens": statistics.mean(len(g["ids"]) for g in gens)}
 
 
-def compare_batching(model_dir, adapters, convs, n_new):
+def compare_batching(model_dir, adapters, convs, n_new, precision):
     from phitune import generate as gen
-    loaded = gen.load([f"a={adapters[0]}", f"b={adapters[1]}"], precision="auto")
+    loaded = gen.load([f"a={adapters[0]}", f"b={adapters[1]}"], precision=precision)
     sampling = gen.Sampling(max_new_tokens=n_new)
     columns = [None, "a", "b"]
     gen.generate_jobs(loaded, [(convs[0], c, sampling) for c in columns])  # warm up
@@ -133,12 +133,12 @@ def compare_batching(model_dir, adapters, convs, n_new):
             "same_answers": [a.text for a in together] == [a.text for a in apart]}
 
 
-def server(model_dir, adapters, convs, n_new, clients=8):
+def server(model_dir, adapters, convs, n_new, precision, clients=8):
     from fastapi.testclient import TestClient
 
     from phitune import generate as gen
     from phitune.serve import build_app
-    loaded = gen.load([f"tuned={adapters[0]}"], precision="auto")
+    loaded = gen.load([f"tuned={adapters[0]}"], precision=precision)
     app = build_app(loaded, max_tokens_limit=1024)
     bodies = [{"model": "base" if i % 2 else "tuned", "temperature": 0, "max_tokens": n_new, "stream": True,
                "messages": convs[i % len(convs)]} for i in range(clients)]
@@ -179,12 +179,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--questions", type=int, default=16)
     ap.add_argument("--max_new_tokens", type=int, default=48)
+    ap.add_argument("--precision", default="auto", help="weights for the compare and serve parts")
     ap.add_argument("--skip", nargs="*", default=[], choices=["single", "llamacpp", "compare", "serve"])
     args = ap.parse_args()
     from phitune.models import _find_demo_gguf, provision_demo
     model_dir = str(provision_demo())
     convs = questions(args.questions)
-    result = {"cpu": cpu_name(), "torch": torch.__version__, "max_new_tokens": args.max_new_tokens}
+    result = {"cpu": cpu_name(), "torch": torch.__version__, "max_new_tokens": args.max_new_tokens,
+              "precision_batched": args.precision}
     print(f"machine: {result['cpu']}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -209,18 +211,20 @@ def main():
                     print(f"llama.cpp {k} (2 threads): {v['tokens_per_s']:.1f} tok/s (first token "
                           f"{v['first_token_ms']:.0f} ms, {v['mean_tokens']:.0f} tokens per answer)")
         if "compare" not in args.skip:
-            c = result["compare"] = compare_batching(model_dir, adapters, convs, args.max_new_tokens)
+            c = result["compare"] = compare_batching(model_dir, adapters, convs, args.max_new_tokens, args.precision)
             print(f"compare, base + 2 adapters x {c['questions']} questions: mixed batches "
                   f"{c['mixed_batches_s']:.1f} s "
                   f"vs one model at a time {c['one_model_at_a_time_s']:.1f} s: {c['speedup']:.2f}x "
                   f"(same answers: {c['same_answers']})")
         if "serve" not in args.skip:
-            v = result["serve"] = server(model_dir, adapters, convs, args.max_new_tokens)
+            v = result["serve"] = server(model_dir, adapters, convs, args.max_new_tokens, args.precision)
             print(f"serve, {v['clients']} concurrent streaming clients (base and adapter mixed): "
                   f"{v['concurrent_tokens_per_s']:.1f} tok/s vs {v['serial_tokens_per_s']:.1f} one at a time: "
                   f"{v['speedup']:.2f}x; first token median {v['first_token_ms_median']:.0f} ms, p95 "
                   f"{v['first_token_ms_p95']:.0f} ms; same answers as serial: {v['same_answers_as_serial']}")
-    (ROOT / "bench" / "generate_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = ROOT / "bench" / ("generate_throughput.json" if args.precision == "auto" else
+                            f"generate_throughput.{args.precision}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,11 @@ def main(args):
     args = settings(args, GROUPS)
     sampling = args.parts["sampling"].sampling()
     questions = read_questions(args.questions) if args.questions else None
+    if args.web and questions:
+        raise PhituneError("--web shows the page for your own questions; drop --questions (or --web)")
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
+    if args.web:
+        return _web(loaded, args.port)
     columns = [None] + list(loaded.adapters)  # None = base
     colour = sys.stdout.isatty() and not args.no_color
     print(f"{DIM if colour else ''}base: {loaded.base_name}; adapters: "
@@ -80,6 +84,25 @@ def main(args):
     if args.report and rows:
         write_report(args.report, rows, loaded, sampling)
         print(f"report written to {args.report}", file=sys.stderr)
+    return 0
+
+
+def _web(loaded, port):
+    """The page of `phitune serve` for this base and these adapters, on localhost only."""
+    import os
+    import threading
+    import webbrowser
+
+    import uvicorn
+
+    from phitune.serve import build_app
+    app = build_app(loaded)
+    url = f"http://127.0.0.1:{port}/"
+    print(f"phitune compare: base and {', '.join(loaded.adapters) or 'no adapter'} side by side at {url} "
+          f"(Ctrl-C stops)", file=sys.stderr, flush=True)
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32"):
+        threading.Timer(1.0, webbrowser.open, (url,)).start()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
     return 0
 
 

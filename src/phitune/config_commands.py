@@ -26,8 +26,10 @@ class Models:
     system_prompt: Optional[str] = opt(None, "system prompt for every model (default: the one each adapter "
                                              "recorded; none for the base)")
     trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code")
-    precision: str = opt("auto", "auto | bf16 | fp32 | fp16: weights for generation (auto: bf16 where the "
-                                 "hardware computes it natively)", choices=PRECISIONS)
+    precision: str = opt("auto", "auto | bf16 | fp32 | fp16: weights for generation. auto: bf16 on GPUs and for "
+                                 "chat on CPUs with native bf16; fp32 where rows share batches on a CPU (compare, "
+                                 "eval, serve), so an answer never depends on what else is in the batch",
+                         choices=PRECISIONS)
 
 
 @dataclass
@@ -85,6 +87,9 @@ class CompareArgs:
     report: Optional[str] = opt(None, "write the comparison to .md, .html or .jsonl")
     batch_size: int = opt(16, "answers generated together (all models share the batches)")
     no_color: bool = opt(False, "plain text output")
+    web: bool = opt(False, "compare in the browser instead: serve the page of `phitune serve` on 127.0.0.1 "
+                           "and print its address")
+    port: int = opt(8000, "port of the page with --web")
 
     def __post_init__(self) -> None:
         at_least_one(self, "batch_size")
@@ -116,6 +121,8 @@ class ServeArgs:
     max_body_bytes: int = opt(1_000_000, "largest request body")
     max_queue: int = opt(64, "requests waiting at once; more get 429")
     max_batch: int = opt(16, "requests generated together in one batch")
+    run_dir: list = opt([], "a training run whose curves the page at / shows (repeat for several; each "
+                            "adapter's own run is shown without it)", repeat=True)
 
     def __post_init__(self) -> None:
         at_least_one(self, "max_tokens_limit", "max_body_bytes", "max_batch")

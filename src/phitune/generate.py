@@ -108,6 +108,11 @@ def load(adapter_paths=(), model=None, system_prompt=None, trust_remote_code=Fal
     device = models.pick_device()
     config = models.load_config(base_name, trust_remote_code)
     dtype = models.inference_dtype(device, precision, config.model_type)
+    if device.type == "cpu" and precision == "auto" and not merge:
+        # bf16 matmuls round differently for one row than for a batch of rows, so a greedy answer could
+        # change with what else is in the batch. Where several models or requests share batches (compare,
+        # eval, serve) answers must not depend on that: fp32 unless --precision bf16 asks for speed instead.
+        dtype = torch.float32
     tokenizer = models.load_tokenizer(base_name, trust_remote_code)
     templates = {None: Template(tokenizer, "auto", system_prompt)}
     for name, meta in metas.items():

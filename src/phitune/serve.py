@@ -3,7 +3,8 @@
 POST /v1/chat/completions and /v1/completions (streaming over server-sent events or not), GET /v1/models.
 One base model in memory; each adapter is its own model name. Requests are batched together on one
 generation thread (scheduler.py), base and adapter rows in the same batch; a client that disconnects
-frees its row within one step. Every route but /health needs the key when --api-key is set.
+frees its row within one step. Every route but /health and the page (/, /static; webui/) needs the key
+when --api_key is set.
 """
 import asyncio
 import json
@@ -35,15 +36,16 @@ def main(args):
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
     app = build_app(loaded, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
                     max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
-                    max_queue=args.max_queue, max_batch=args.max_batch)
+                    max_queue=args.max_queue, max_batch=args.max_batch, run_dirs=args.run_dir)
     names = ", ".join(["base", *loaded.adapters])
-    print(f"phitune serve: models {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    print(f"phitune serve: models {names} on http://{args.host}:{args.port}/v1; page: http://{args.host}:{args.port}/",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=None, max_body_bytes=1_000_000,
-              max_queue=64, max_batch=16):
+              max_queue=64, max_batch=16, run_dirs=()):
     """The FastAPI app: OpenAI routes over one Scheduler (continuous batching on one generation thread)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -193,4 +195,6 @@ def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=Non
         return JSONResponse(api.ApiError(405, f"method {request.method} not allowed on {request.url.path}").body(),
                             status_code=405)
 
+    from phitune import webui  # the page at / and its /phitune/* routes
+    webui.mount(app, loaded, check_key, run_dirs=run_dirs, max_tokens_limit=max_tokens_limit)
     return app
