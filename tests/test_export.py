@@ -25,7 +25,7 @@ N_EXACT = 12  # greedy tokens compared one for one at f32/f16/bf16
 def llamacpp():
     """Call llama.cpp with one JSON request (see tools/llamacpp/run.mjs); installs the runner if needed."""
     if shutil.which("node") is None:
-        pytest.skip("Node.js is not installed; `make test` needs it for the llama.cpp checks")
+        pytest.fail("Node.js is not installed; the llama.cpp checks need it (apt-get install nodejs npm)")
     if not (RUNNER / "node_modules" / "node-llama-cpp").is_dir():
         subprocess.run(["npm", "ci", "--ignore-scripts", "--omit=optional", "--no-audit", "--no-fund"],
                        cwd=RUNNER, check=True, capture_output=True, timeout=600)
