@@ -148,3 +148,24 @@ def test_cancel_frees_the_row_within_one_step(tiny_models):
     cancel.set()
     engine.step()
     assert slow.finish_reason == "cancelled" and engine.rows == [other]
+
+
+@pytest.mark.parametrize("arch", ["phi", "phi3", "llama"])
+def test_rows_of_different_models_in_one_batch_equal_each_model_alone(arch, tiny_models, two_adapters):
+    """A batch that mixes base, a and b rows (the server's case) gives each row its own model's answer."""
+    from phitune.mixed_lora import MixedLora
+    a, b = two_adapters[arch]
+    loaded = gen.load([f"a={a}", f"b={b}"], precision="fp32")
+    assert MixedLora.supports(loaded.model)
+    cols = [None, "a", "b", "a", None, "b"]
+    reqs = [loaded.request(loaded.template_for(c).encode_prompt([{"role": "user", "content": q}]), c,
+                           gen.Sampling(max_new_tokens=10)) for q, c in zip(QUESTIONS + QUESTIONS[:1], cols)]
+    engine = Engine(loaded)
+    engine.add(reqs)
+    assert len(engine.rows) == 6
+    while engine.rows:
+        engine.step()
+    for r in reqs:
+        alone = loaded.request(r.prompt_ids, r.adapter, gen.Sampling(max_new_tokens=10))
+        Engine(loaded).run([alone], batch_size=1)
+        assert r.tokens == alone.tokens, r.adapter

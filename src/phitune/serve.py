@@ -44,43 +44,38 @@ def main(args):
     return 0
 
 
-def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=None, max_body_bytes=1_000_000,
-              max_queue=64, max_batch=16, run_dirs=()):
-    """The FastAPI app: OpenAI routes over one Scheduler (continuous batching on one generation thread)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import ValidationError
+class OpenAIRoutes:
+    """What each route does: parse and check a request, queue it, stream or return its answer."""
 
-    app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None)
-    scheduler = Scheduler(Engine(loaded, own_tokenizer=True), max_batch=max_batch, max_queue=max_queue)
-    app.state.scheduler = scheduler
-    models = ["base", *loaded.adapters]
-    context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
-    created = api.now()
+    def __init__(self, loaded, scheduler, api_key=None, max_tokens_limit=1024, max_prompt_tokens=None,
+                 max_body_bytes=1_000_000):
+        self.loaded, self.scheduler, self.api_key = loaded, scheduler, api_key
+        self.max_tokens_limit, self.max_prompt_tokens, self.max_body_bytes = (max_tokens_limit, max_prompt_tokens,
+                                                                              max_body_bytes)
+        self.models = ["base", *loaded.adapters]
+        self.context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
+        self.created = api.now()
 
-    @app.exception_handler(api.ApiError)
-    async def api_error(request, exc):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    def check_key(request):
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+    def check_key(self, request) -> None:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
             raise api.ApiError(401, "Incorrect or missing API key", code="invalid_api_key")
 
-    async def read_body(request):
+    async def read_body(self, request) -> bytes:
         """The body, refused as soon as it passes max_body_bytes (never read whole into memory first)."""
-        too_big = api.ApiError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
-        if int(request.headers.get("content-length") or 0) > max_body_bytes:
+        too_big = api.ApiError(413, f"request body over {self.max_body_bytes} bytes", code="body_too_large")
+        if int(request.headers.get("content-length") or 0) > self.max_body_bytes:
             raise too_big
         body = bytearray()
         async for part in request.stream():
             body += part
-            if len(body) > max_body_bytes:
+            if len(body) > self.max_body_bytes:
                 raise too_big
         return bytes(body)
 
-    async def parse(request, cls):
-        check_key(request)
-        body = await read_body(request)
+    async def parse(self, request, cls):
+        from pydantic import ValidationError
+        self.check_key(request)
+        body = await self.read_body(request)
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -93,42 +88,46 @@ def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=Non
             first = e.errors()[0]
             param = ".".join(str(x) for x in first["loc"])
             raise api.ApiError(400, f"{param}: {first['msg']}", code="invalid_value", param=param) from None
-        if req.model not in models and req.model != loaded.base_name:
-            raise api.ApiError(404, f"The model '{req.model}' does not exist; available: {', '.join(models)}",
+        if req.model not in self.models and req.model != self.loaded.base_name:
+            raise api.ApiError(404, f"The model '{req.model}' does not exist; available: {', '.join(self.models)}",
                                code="model_not_found", param="model")
-        if req.max_tokens is not None and req.max_tokens > max_tokens_limit:
-            raise api.ApiError(400, f"max_tokens {req.max_tokens} is over this server's limit of {max_tokens_limit}",
-                               code="invalid_value", param="max_tokens")
+        if req.max_tokens is not None and req.max_tokens > self.max_tokens_limit:
+            raise api.ApiError(400, f"max_tokens {req.max_tokens} is over this server's limit of "
+                                    f"{self.max_tokens_limit}", code="invalid_value", param="max_tokens")
         return req
 
-    def adapter_of(req):
-        return None if req.model in ("base", loaded.base_name) else req.model
+    def adapter_of(self, req):
+        return None if req.model in ("base", self.loaded.base_name) else req.model
 
-    def new_request(req, ids):
-        max_tokens = req.max_tokens or min(256, max_tokens_limit)
-        limit = context - max_tokens if max_prompt_tokens is None else min(max_prompt_tokens, context - max_tokens)
+    def new_request(self, req, ids):
+        max_tokens = req.max_tokens or min(256, self.max_tokens_limit)
+        limit = self.context - max_tokens
+        if self.max_prompt_tokens is not None:
+            limit = min(self.max_prompt_tokens, limit)
         if len(ids) > limit:
             raise api.ApiError(400, f"the prompt is {len(ids)} tokens; this model allows {limit} with max_tokens "
-                                    f"{max_tokens} (context {context})", code="context_length_exceeded",
+                                    f"{max_tokens} (context {self.context})", code="context_length_exceeded",
                                param="messages")
         sampling = gen.Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 seed=req.seed)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return loaded.request(ids, adapter_of(req), sampling, stop_strings=stops, cancel=threading.Event())
+        return self.loaded.request(ids, self.adapter_of(req), sampling, stop_strings=stops, cancel=threading.Event())
 
-    async def respond(req, ids, kind):
-        r = new_request(req, ids)
+    async def respond(self, req, ids, kind):
+        """Queue the request (a full queue is a 429 before any response starts), then stream or collect it."""
+        from fastapi.responses import StreamingResponse
+        r = self.new_request(req, ids)
         loop = asyncio.get_running_loop()
         events = asyncio.Queue()
         r.on_text = lambda piece: loop.call_soon_threadsafe(events.put_nowait, piece)
         r.on_done = lambda done: loop.call_soon_threadsafe(events.put_nowait, None)
         r.started = time.perf_counter()
-        try:  # admission happens before any response starts, so a full queue is a real 429
-            scheduler.submit(r)
+        try:
+            self.scheduler.submit(r)
         except Busy:
             raise api.ApiError(429, "server busy: too many queued requests, retry later", code="rate_limit_exceeded",
                                kind="rate_limit_error") from None
-        reply = api.Reply(kind, req.model, created)
+        reply = api.Reply(kind, req.model, self.created)
 
         async def pieces():
             try:
@@ -153,38 +152,44 @@ def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=Non
             raise api.ApiError(500, f"generation failed: {r.error}", kind="server_error")
         return reply.whole(text.strip() if kind == "chat" else text, r.finish_reason, len(ids), len(r.tokens))
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "active": scheduler.active}
-
-    @app.get("/openapi.json")
-    async def openapi(request: Request):
-        check_key(request)
-        from fastapi.openapi.utils import get_openapi
-        return get_openapi(title="phitune", version=__version__, routes=app.routes)
-
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        check_key(request)
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "phitune"}
-                                           for m in models]}
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        req = await parse(request, api.ChatRequest)
+    async def chat(self, request):
+        req = await self.parse(request, api.ChatRequest)
         messages = [m.model_dump() for m in req.messages]
         if messages[-1]["role"] != "user":
             raise api.ApiError(400, "the last message must come from the user", param="messages")
-        ids = loaded.template_for(adapter_of(req)).encode_prompt(messages)
-        return await respond(req, ids, "chat")
+        ids = self.loaded.template_for(self.adapter_of(req)).encode_prompt(messages)
+        return await self.respond(req, ids, "chat")
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req = await parse(request, api.CompletionRequest)
-        ids = loaded.tokenizer(req.prompt)["input_ids"]
+    async def completions(self, request):
+        req = await self.parse(request, api.CompletionRequest)
+        ids = self.loaded.tokenizer(req.prompt)["input_ids"]
         if not ids:
             raise api.ApiError(400, "prompt is empty", param="prompt")
-        return await respond(req, ids, "completion")
+        return await self.respond(req, ids, "completion")
+
+    def model_list(self, request):
+        self.check_key(request)
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": self.created,
+                                            "owned_by": "phitune"} for m in self.models]}
+
+
+def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=None, max_body_bytes=1_000_000,
+              max_queue=64, max_batch=16, run_dirs=()):
+    """The FastAPI app: OpenAI routes over one Scheduler (continuous batching on one generation thread)."""
+    from fastapi import FastAPI, Request
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.responses import JSONResponse
+
+    from phitune import webui
+
+    app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None)
+    scheduler = Scheduler(Engine(loaded, own_tokenizer=True), max_batch=max_batch, max_queue=max_queue)
+    app.state.scheduler = scheduler
+    routes = OpenAIRoutes(loaded, scheduler, api_key, max_tokens_limit, max_prompt_tokens, max_body_bytes)
+
+    @app.exception_handler(api.ApiError)
+    async def api_error(request, exc):
+        return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(404)
     async def not_found(request, exc):
@@ -195,6 +200,26 @@ def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=Non
         return JSONResponse(api.ApiError(405, f"method {request.method} not allowed on {request.url.path}").body(),
                             status_code=405)
 
-    from phitune import webui  # the page at / and its /phitune/* routes
-    webui.mount(app, loaded, check_key, run_dirs=run_dirs, max_tokens_limit=max_tokens_limit)
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "active": scheduler.active}
+
+    @app.get("/openapi.json")
+    async def openapi(request: Request):
+        routes.check_key(request)
+        return get_openapi(title="phitune", version=__version__, routes=app.routes)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        return routes.model_list(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await routes.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await routes.completions(request)
+
+    webui.mount(app, loaded, routes.check_key, run_dirs=run_dirs, max_tokens_limit=max_tokens_limit)
     return app
