@@ -35,7 +35,7 @@ def cpu_name():
     from phitune.models import cpu_has_fast_bf16
     name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                 platform.processor())
-    kind = "AVX512-BF16/AMX" if cpu_has_fast_bf16() else "no native bf16"
+    kind = "native bf16: AVX512-BF16 or AMX" if cpu_has_fast_bf16() else "no native bf16"
     return f"{name} ({kind}), {torch.get_num_threads()} threads"
 
 
@@ -224,7 +224,8 @@ def main():
                   f"{v['first_token_ms_p95']:.0f} ms; same answers as serial: {v['same_answers_as_serial']}")
     out = ROOT / "bench" / ("generate_throughput.json" if args.precision == "auto" else
                             f"generate_throughput.{args.precision}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    kept = json.loads(out.read_text()) if out.is_file() and args.skip else {}  # parts skipped keep their figures
+    out.write_text(json.dumps({**kept, **result}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
