@@ -1,5 +1,7 @@
 """`phitune plan`: estimates from configs alone, suggestions, the docs table, and estimate vs measured peak."""
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,8 +115,12 @@ def _small_model(arch, path, hidden=256, layers=4):
 
 
 def _measure_vs_estimate(model, data, capsys, *flags):
-    assert run_cli("plan", "--model", model, "--dataset_path", data, "--measure", *flags) == 0
-    out = capsys.readouterr().out
+    # A fresh process, as a user runs it: the resident-memory peak of the test process carries what
+    # earlier tests left behind.
+    done = subprocess.run([sys.executable, "-m", "phitune", "plan", "--model", str(model), "--dataset_path",
+                           str(data), "--measure", *map(str, flags)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
     m = re.search(r"peak ([\d.]+) ([GM])iB vs estimated ([\d.]+) ([GM])iB \([+-]\d+%\)", out)
     assert m, out
     unit = {"G": 1024, "M": 1}

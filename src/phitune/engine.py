@@ -115,7 +115,7 @@ class Request:
 class Engine:
     """Steps one batch of Requests on a loaded model (see generate.load)."""
 
-    def __init__(self, loaded, own_tokenizer: bool = False):
+    def __init__(self, loaded, own_tokenizer: bool = False, merge: bool = True):
         self.loaded = loaded
         self.model = loaded.model
         # A server encodes prompts on its event loop while this engine decodes on its own thread; a fast
@@ -128,7 +128,10 @@ class Engine:
         self.next_ids = None  # (B,) last sampled token, not yet fed to the model
         self.peft = bool(getattr(loaded, "adapters", None))
         weights = next(self.model.parameters())
-        self.can_merge = self.peft and weights.dtype == torch.float32 and not getattr(self.model, "is_quantized", False)
+        # A server flips between adapters all day; even fp32 merge/unmerge round trips would drift the base
+        # weights over thousands of flips, so a serving engine never merges (merge=False).
+        self.can_merge = merge and self.peft and weights.dtype == torch.float32 and \
+            not getattr(self.model, "is_quantized", False)
 
     # ------------------------------------------------------------------ public
     def run(self, requests: list, batch_size: int = 16) -> list:
@@ -165,8 +168,11 @@ class Engine:
             r.started = r.started or now
             r._stream = TextStream(self.tok, r.stop_strings)
             if not r.sampling.greedy:
-                r._generator = torch.Generator().manual_seed(
-                    r.sampling.seed if r.sampling.seed is not None else torch.seed() % 2**63)
+                r._generator = torch.Generator()
+                if r.sampling.seed is None:
+                    r._generator.seed()  # fresh entropy, without reseeding the global generator
+                else:
+                    r._generator.manual_seed(r.sampling.seed)
         cache = DynamicCache()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(ids, mask, positions, cache, [r.adapter for r in requests])

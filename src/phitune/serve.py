@@ -183,7 +183,7 @@ def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=Non
     from phitune import webui
 
     app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None)
-    scheduler = Scheduler(Engine(loaded, own_tokenizer=True), max_batch=max_batch, max_queue=max_queue)
+    scheduler = Scheduler(Engine(loaded, own_tokenizer=True, merge=False), max_batch=max_batch, max_queue=max_queue)
     app.state.scheduler = scheduler
     routes = OpenAIRoutes(loaded, scheduler, api_key, max_tokens_limit, max_prompt_tokens, max_body_bytes)
 

@@ -31,7 +31,7 @@ class Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     stream: bool = False
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
     n: int = Field(default=1, ge=1, le=1)
 
 

@@ -5,8 +5,10 @@ One iteration is one optimizer step over gradient_accumulation_steps micro-batch
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
@@ -51,12 +53,13 @@ def fit(run: Run) -> Optional[str]:
             step_loss = acc.reduce(step_loss, "sum") / step_tokens
             lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
             finite = bool(torch.isfinite(step_loss) and torch.isfinite(torch.as_tensor(grad_norm)))
-            if finite:
-                run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            p.step = step  # the weights now hold this step (or, when skipped, keep their last finite values)
-            rng_after = {step: checkpoints.rng_state()}
+            with _interrupt_after():  # Ctrl-C here would leave the weights a step ahead of p.step
+                if finite:
+                    run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                p.step = step  # the weights now hold this step (or, when skipped, keep their last finite values)
+                rng_after = {step: checkpoints.rng_state()}
             if not finite:
                 nonfinite += 1
                 run.log(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
@@ -92,6 +95,22 @@ def fit(run: Run) -> Optional[str]:
     return stop_reason
 
 
+@contextmanager
+def _interrupt_after():
+    """Hold a Ctrl-C that arrives inside the block until the block is done (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _my_micro_batches(run, batches, index):
     """(micro-batches, weight): this process's share of optimizer step `index` of the epoch.
 
@@ -113,6 +132,10 @@ def _step_with_retry(run, micro, weight, split, step_tokens, step):
             loss, seen = _forward_backward(run, micro, weight, split, step_tokens)
             return loss, seen, split
         except torch.OutOfMemoryError:
+            if run.accelerator.num_processes > 1:  # the other processes already wait in the gradient all-reduce
+                raise PhituneError(f"out of memory at step {step} in process {run.accelerator.process_index}; "
+                                   f"lower --batch_size (raise --gradient_accumulation_steps to keep the "
+                                   f"effective batch) or turn on --gradient_checkpointing") from None
             run.optimizer.zero_grad(set_to_none=True)
             _free_memory(run.device)
             if not run.plan.checkpointing:
