@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phitune import data, models
+from phitune import data
 from phitune import generate as gen
 from phitune.config import add_arguments, settings
 from phitune.config_commands import EvalArgs, Models
@@ -88,7 +88,7 @@ def loss_scores(loaded: gen.Loaded, records: list[dict[str, Any]], adapter: str 
     if not examples:
         raise PhituneError("no example has an answer token within --max_length")
     loss_model = AnswerLoss(loaded.model).eval()
-    with loaded.use(adapter), models.autocast(loaded.device, loaded.autocast_dtype):
+    with loaded.use(adapter):  # weights are already in the inference dtype: no autocast
         total, count = summed_loss(loss_model, examples, batch_size, loaded.tokenizer.pad_token_id, loaded.device)
     total, count = float(total), int(count)
     loss = total / count

@@ -40,7 +40,6 @@ class Loaded:
     adapters: dict  # name -> adapter dir
     metas: dict  # name -> phitune.json contents
     device: torch.device
-    autocast_dtype: object
     base_name: str
     _engine: Optional[Engine] = None
 
@@ -126,7 +125,7 @@ def load(adapter_paths=(), model=None, system_prompt=None, trust_remote_code=Fal
         net = net.merge_and_unload()
         names = {}
     net = net.to(device=device, dtype=dtype).eval()
-    loaded = Loaded(net, tokenizer, templates, names, metas, device, None, base_name)
+    loaded = Loaded(net, tokenizer, templates, names, metas, device, base_name)
     if merge and metas:
         only = next(iter(metas))
         loaded.templates = {None: templates[only], only: templates[only]}  # the merged model answers as the adapter
