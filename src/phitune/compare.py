@@ -3,6 +3,7 @@
 One copy of the base model is in memory: base answers are generated inside PEFT's disable_adapter(),
 so they come from the untouched base weights, not from the tuned model.
 """
+import argparse
 import json
 import resource
 import shutil
@@ -27,11 +28,11 @@ RESET, DIM, BOLD = "\033[0m", "\033[2m", "\033[1m"
 GROUPS = {"model": Models, "compare": CompareArgs, "sampling": SamplingArgs}
 
 
-def add_parser(p):
+def add_parser(p: argparse.ArgumentParser) -> None:
     add_arguments(p, GROUPS)
 
 
-def read_questions(path):
+def read_questions(path: str) -> list:
     """Questions YAML: the seed's `questions: [string, ...]`, or mappings with prompt/expected/sampling."""
     p = Path(path)
     if not p.is_file():
@@ -60,7 +61,7 @@ def read_questions(path):
     return out
 
 
-def main(args):
+def main(args: argparse.Namespace) -> int:
     args = settings(args, GROUPS)
     sampling = args.parts["sampling"].sampling()
     questions = read_questions(args.questions) if args.questions else None
@@ -106,7 +107,8 @@ def _web(loaded, port):
     return 0
 
 
-def run_batch(loaded, questions, columns, sampling, batch_size=16):
+def run_batch(loaded: gen.Loaded, questions: list, columns: list, sampling: gen.Sampling,
+              batch_size: int = 16) -> list:
     """Answer all questions with every column; base and adapter rows share the same batches."""
     rows = [{"prompt": q["prompt"], "expected": q.get("expected"), "answers": {}} for q in questions]
     jobs, where = [], []
@@ -149,7 +151,7 @@ def _label(col):
     return "base" if col is None else col
 
 
-def show(row, columns, colour):
+def show(row: dict, columns: list, colour: bool) -> None:
     """Side by side when the terminal is wide enough (and a terminal), stacked otherwise."""
     labels = [_label(c) for c in columns]
     width = shutil.get_terminal_size((100, 24)).columns
@@ -182,7 +184,7 @@ def _sampling_text(s):
     return f"temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, seed {s.seed}"
 
 
-def peak_memory_mib(device=None):
+def peak_memory_mib(device: object = None) -> float:
     import torch
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -195,7 +197,7 @@ def _memory_line(loaded):
     return f"memory: peak {peak_memory_mib(loaded.device):.0f} MiB; model weights {weights:.0f} MiB (one base copy)"
 
 
-def write_report(path, rows, loaded, sampling):
+def write_report(path: str, rows: list, loaded: gen.Loaded, sampling: gen.Sampling) -> None:
     path = Path(path)
     labels = ["base"] + list(loaded.adapters)
     settings = {"base_model": loaded.base_name, "sampling": asdict(sampling),

@@ -285,7 +285,7 @@ class Engine:
             _finish(r, "cancelled")
         return r.finish_reason == "cancelled"
 
-    def fail(self, error: str, also=()) -> None:
+    def fail(self, error: str, also: tuple | list = ()) -> None:
         """End every row in flight (and `also`) with an error and empty the batch; the model is untouched."""
         for r in [*self.rows, *also]:
             if not r.done:

@@ -7,7 +7,8 @@ own chat template (or Phi-2's format). Decoding stops at that model's end-of-tur
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -63,7 +64,7 @@ class Loaded:
             self._engine = Engine(self)
         return self._engine
 
-    def use(self, name: Optional[str]):
+    def use(self, name: Optional[str]) -> AbstractContextManager:
         """Context for running the model as adapter `name`, or as the plain base for None."""
         self.engine.release()
         if name is None:
@@ -71,7 +72,8 @@ class Loaded:
         self.model.set_adapter(name)
         return _nothing()
 
-    def request(self, prompt_ids, adapter=None, sampling=None, stop_strings=(), **extra) -> Request:
+    def request(self, prompt_ids: Sequence[int], adapter: Optional[str] = None, sampling: Optional[Sampling] = None,
+                stop_strings: Sequence[str] = (), **extra) -> Request:
         """An engine Request with this model's stop tokens and stop strings (plus `stop_strings`)."""
         template = self.template_for(adapter)
         fields = dict(adapter=None if adapter in (None, "base") else adapter, sampling=sampling or Sampling(),
@@ -84,8 +86,8 @@ def _nothing():
     return nullcontext()
 
 
-def load(adapter_paths=(), model=None, system_prompt=None, trust_remote_code=False, precision="auto",
-         merge=False) -> Loaded:
+def load(adapter_paths: Sequence[str] = (), model: Optional[str] = None, system_prompt: Optional[str] = None,
+         trust_remote_code: bool = False, precision: str = "auto", merge: bool = False) -> Loaded:
     """Load one base model and attach each adapter under its own name (its directory's, or NAME=path).
 
     The base model comes from --model, else from the first adapter's record. `merge=True` (one adapter,
@@ -165,19 +167,21 @@ def _answer(r: Request) -> Answer:
                   r.first_token_s)
 
 
-def generate(loaded, conversations, sampling=Sampling(), adapter=None, batch_size=16) -> list:
+def generate(loaded: Loaded, conversations: list, sampling: Sampling = Sampling(), adapter: Optional[str] = None,
+             batch_size: int = 16) -> list:
     """Answer each conversation (a list of messages ending with a user turn) with one model."""
     return generate_jobs(loaded, [(conv, adapter, sampling) for conv in conversations], batch_size)
 
 
-def generate_jobs(loaded, jobs, batch_size=16) -> list:
+def generate_jobs(loaded: Loaded, jobs: list, batch_size: int = 16) -> list:
     """Answer (conversation, adapter, sampling) jobs; rows of different models share the same batches."""
     requests = [loaded.request(loaded.template_for(adapter).encode_prompt(conv), adapter, sampling)
                 for conv, adapter, sampling in jobs]
     return [_answer(r) for r in _run(loaded, requests, batch_size)]
 
 
-def generate_ids(loaded, encoded, sampling=Sampling(), adapter=None, batch_size=16) -> list:
+def generate_ids(loaded: Loaded, encoded: list, sampling: Sampling = Sampling(), adapter: Optional[str] = None,
+                 batch_size: int = 16) -> list:
     """Continue each prompt given as token ids."""
     return [_answer(r) for r in _run(loaded, [loaded.request(ids, adapter, sampling) for ids in encoded], batch_size)]
 
@@ -186,12 +190,14 @@ def _run(loaded, requests, batch_size):
     return loaded.engine.run(requests, batch_size)
 
 
-def stream(loaded, conversation, sampling=Sampling(), adapter=None, cancel=None) -> Iterator[str]:
+def stream(loaded: Loaded, conversation: list, sampling: Sampling = Sampling(), adapter: Optional[str] = None,
+           cancel: Optional[threading.Event] = None) -> Iterator[str]:
     """Yield text pieces of one answer as they are generated; `cancel` (threading.Event) stops it."""
     return stream_ids(loaded, loaded.template_for(adapter).encode_prompt(conversation), sampling, adapter, cancel)
 
 
-def stream_ids(loaded, prompt_ids, sampling=Sampling(), adapter=None, cancel=None) -> Iterator[str]:
+def stream_ids(loaded: Loaded, prompt_ids: list, sampling: Sampling = Sampling(), adapter: Optional[str] = None,
+               cancel: Optional[threading.Event] = None) -> Iterator[str]:
     """Like stream(), for a prompt given as token ids. Runs in the caller's thread: Ctrl-C stops it."""
     pieces = []
     req = loaded.request(prompt_ids, adapter, sampling, cancel=cancel or threading.Event(), on_text=pieces.append)

@@ -19,7 +19,7 @@ from torch import nn
 class MixedLora:
     """Stacked LoRA weights of every adapter of a PEFT model, applied per row through base-layer hooks."""
 
-    def __init__(self, peft_model, names: list):
+    def __init__(self, peft_model: nn.Module, names: list):
         from peft.tuners.lora import Linear as LoraLinear
         self.model, self.names = peft_model, list(names)
         self.slots = {None: 0, **{n: i + 1 for i, n in enumerate(self.names)}}
@@ -39,7 +39,7 @@ class MixedLora:
             self.layers.append((base, a, b))
 
     @staticmethod
-    def supports(peft_model) -> bool:
+    def supports(peft_model: nn.Module) -> bool:
         """Plain LoRA on nn.Linear layers only (no DoRA or other variants, no LoRA on embeddings)."""
         from peft.tuners.lora import Linear as LoraLinear
         from peft.tuners.lora import LoraLayer
@@ -50,7 +50,7 @@ class MixedLora:
                     return False
         return not any(getattr(c, "use_dora", False) for c in peft_model.peft_config.values())
 
-    def forward(self, adapters: list, **kwargs):
+    def forward(self, adapters: list, **kwargs) -> object:
         """model(**kwargs) with row i using adapter adapters[i] (None: the base)."""
         slot = torch.tensor([self.slots[a] for a in adapters], device=self.layers[0][1].device)
         gathered = [(a.index_select(0, slot), b.index_select(0, slot)) for _, a, b in self.layers]

@@ -6,11 +6,15 @@ generation thread (scheduler.py), base and adapter rows in the same batch; a cli
 frees its row within one step. Every route but /health and the page (/, /static; webui/) needs the key
 when --api_key is set.
 """
+import argparse
 import asyncio
 import json
 import sys
 import threading
 import time
+from typing import Optional
+
+from fastapi import FastAPI, Request
 
 from phitune import __version__
 from phitune import generate as gen
@@ -18,16 +22,17 @@ from phitune import serve_api as api
 from phitune.config import add_arguments, settings
 from phitune.config_commands import Models, ServeArgs
 from phitune.engine import Engine
+from phitune.engine import Request as EngineRequest
 from phitune.scheduler import Busy, Scheduler
 
 GROUPS = {"model": Models, "serve": ServeArgs}
 
 
-def add_parser(p):
+def add_parser(p: argparse.ArgumentParser) -> None:
     add_arguments(p, GROUPS)
 
 
-def main(args):
+def main(args: argparse.Namespace) -> int:
     import uvicorn
     args = settings(args, GROUPS)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
@@ -47,8 +52,9 @@ def main(args):
 class OpenAIRoutes:
     """What each route does: parse and check a request, queue it, stream or return its answer."""
 
-    def __init__(self, loaded, scheduler, api_key=None, max_tokens_limit=1024, max_prompt_tokens=None,
-                 max_body_bytes=1_000_000):
+    def __init__(self, loaded: gen.Loaded, scheduler: Scheduler, api_key: Optional[str] = None,
+                 max_tokens_limit: int = 1024, max_prompt_tokens: Optional[int] = None,
+                 max_body_bytes: int = 1_000_000):
         self.loaded, self.scheduler, self.api_key = loaded, scheduler, api_key
         self.max_tokens_limit, self.max_prompt_tokens, self.max_body_bytes = (max_tokens_limit, max_prompt_tokens,
                                                                               max_body_bytes)
@@ -56,11 +62,11 @@ class OpenAIRoutes:
         self.context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
         self.created = api.now()
 
-    def check_key(self, request) -> None:
+    def check_key(self, request: Request) -> None:
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
             raise api.ApiError(401, "Incorrect or missing API key", code="invalid_api_key")
 
-    async def read_body(self, request) -> bytes:
+    async def read_body(self, request: Request) -> bytes:
         """The body, refused as soon as it passes max_body_bytes (never read whole into memory first)."""
         too_big = api.ApiError(413, f"request body over {self.max_body_bytes} bytes", code="body_too_large")
         if int(request.headers.get("content-length") or 0) > self.max_body_bytes:
@@ -72,7 +78,7 @@ class OpenAIRoutes:
                 raise too_big
         return bytes(body)
 
-    async def parse(self, request, cls):
+    async def parse(self, request: Request, cls: type) -> api.Common:
         from pydantic import ValidationError
         self.check_key(request)
         body = await self.read_body(request)
@@ -96,10 +102,10 @@ class OpenAIRoutes:
                                     f"{self.max_tokens_limit}", code="invalid_value", param="max_tokens")
         return req
 
-    def adapter_of(self, req):
+    def adapter_of(self, req: api.Common) -> Optional[str]:
         return None if req.model in ("base", self.loaded.base_name) else req.model
 
-    def new_request(self, req, ids):
+    def new_request(self, req: api.Common, ids: list) -> EngineRequest:
         max_tokens = req.max_tokens or min(256, self.max_tokens_limit)
         limit = self.context - max_tokens
         if self.max_prompt_tokens is not None:
@@ -113,7 +119,7 @@ class OpenAIRoutes:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return self.loaded.request(ids, self.adapter_of(req), sampling, stop_strings=stops, cancel=threading.Event())
 
-    async def respond(self, req, ids, kind):
+    async def respond(self, req: api.Common, ids: list, kind: str) -> object:
         """Queue the request (a full queue is a 429 before any response starts), then stream or collect it."""
         from fastapi.responses import StreamingResponse
         r = self.new_request(req, ids)
@@ -152,7 +158,7 @@ class OpenAIRoutes:
             raise api.ApiError(500, f"generation failed: {r.error}", kind="server_error")
         return reply.whole(text.strip() if kind == "chat" else text, r.finish_reason, len(ids), len(r.tokens))
 
-    async def chat(self, request):
+    async def chat(self, request: Request) -> object:
         req = await self.parse(request, api.ChatRequest)
         messages = [m.model_dump() for m in req.messages]
         if messages[-1]["role"] != "user":
@@ -160,23 +166,24 @@ class OpenAIRoutes:
         ids = self.loaded.template_for(self.adapter_of(req)).encode_prompt(messages)
         return await self.respond(req, ids, "chat")
 
-    async def completions(self, request):
+    async def completions(self, request: Request) -> object:
         req = await self.parse(request, api.CompletionRequest)
         ids = self.loaded.tokenizer(req.prompt)["input_ids"]
         if not ids:
             raise api.ApiError(400, "prompt is empty", param="prompt")
         return await self.respond(req, ids, "completion")
 
-    def model_list(self, request):
+    def model_list(self, request: Request) -> dict:
         self.check_key(request)
         return {"object": "list", "data": [{"id": m, "object": "model", "created": self.created,
                                             "owned_by": "phitune"} for m in self.models]}
 
 
-def build_app(loaded, api_key=None, max_tokens_limit=1024, max_prompt_tokens=None, max_body_bytes=1_000_000,
-              max_queue=64, max_batch=16, run_dirs=()):
+def build_app(loaded: gen.Loaded, api_key: Optional[str] = None, max_tokens_limit: int = 1024,
+              max_prompt_tokens: Optional[int] = None, max_body_bytes: int = 1_000_000, max_queue: int = 64,
+              max_batch: int = 16, run_dirs: tuple = ()) -> FastAPI:
     """The FastAPI app: OpenAI routes over one Scheduler (continuous batching on one generation thread)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.openapi.utils import get_openapi
     from fastapi.responses import JSONResponse
 

@@ -13,7 +13,7 @@ from pathlib import Path
 STATIC = Path(__file__).parent / "static"
 
 
-def run_dirs_of(loaded, extra=()) -> dict:
+def run_dirs_of(loaded: object, extra: tuple | list = ()) -> dict:
     """name -> run directory: each adapter's run (the parent of final_adapter/ or of the adapter dir, when it
     holds metrics.jsonl), then each directory given with --run_dir under its own name."""
     runs = {}
@@ -34,7 +34,7 @@ def run_dirs_of(loaded, extra=()) -> dict:
     return runs
 
 
-def model_info(loaded) -> dict:
+def model_info(loaded: object) -> dict:
     """What the page shows above each column: base model name; per adapter its base, rank and training."""
     out = {"base_model": loaded.base_name, "models": [{"name": "base", "kind": "base", "base_model": loaded.base_name,
                                                          "template": _template_facts(loaded.template_for(None))}]}
@@ -94,7 +94,8 @@ def read_run(path: Path) -> dict:
             "summary": summary, "finished": bool(meta)}
 
 
-def mount(app, loaded, check_key, run_dirs=(), max_tokens_limit=None) -> None:
+def mount(app: object, loaded: object, check_key: object, run_dirs: tuple | list = (),
+          max_tokens_limit: int | None = None) -> None:
     """Add the page (GET /, /static/*) and its routes (/phitune/info, /render, /runs) to the FastAPI `app`."""
     from fastapi import Request
     from fastapi.responses import FileResponse
