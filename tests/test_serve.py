@@ -157,3 +157,4 @@ def test_load_200_requests_from_20_clients(server):
     assert proc.poll() is None
     after = rss()
     assert after <= 1.10 * before, (before, after)
+

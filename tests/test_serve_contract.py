@@ -156,3 +156,32 @@ def test_disconnected_stream_frees_its_row(loaded):
         ok = c.post("/v1/chat/completions", headers=AUTH, json={"model": "tuned", "messages": RED, "temperature": 0})
         assert ok.json()["choices"][0]["message"]["content"] == "The code for red is one."
         assert time.perf_counter() - started < 10
+
+
+def test_a_whole_answer_stops_when_the_client_hangs_up(loaded):
+    """Not streamed: the server watches the connection and cancels the row when the client is gone."""
+    import asyncio
+    app = build_app(loaded, api_key=KEY, max_tokens_limit=1900)
+    submitted, real_submit = [], app.state.scheduler.submit
+    app.state.scheduler.submit = lambda r: (submitted.append(r), real_submit(r))[1]
+    body = json.dumps({"model": "base", "temperature": 0, "max_tokens": 1900, "messages": RED}).encode()
+    began = time.perf_counter()
+
+    async def receive():  # the ASGI server's side: the body, then (after 0.2 s) the client hangs up
+        if not hasattr(receive, "sent"):
+            receive.sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if time.perf_counter() - began > 0.2:
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        pass
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"authorization", f"Bearer {KEY}".encode()),
+                                              (b"content-type", b"application/json")],
+             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+             "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    assert submitted[0].finish_reason == "cancelled" and len(submitted[0].tokens) < 1900

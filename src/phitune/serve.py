@@ -119,7 +119,16 @@ class OpenAIRoutes:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return self.loaded.request(ids, self.adapter_of(req), sampling, stop_strings=stops, cancel=threading.Event())
 
-    async def respond(self, req: api.Common, ids: list, kind: str) -> object:
+    @staticmethod
+    async def _cancel_on_disconnect(request: Request, r: EngineRequest) -> None:
+        """A whole (non-streamed) answer has no stream to break: watch the connection instead."""
+        while not r.done:
+            if await request.is_disconnected():
+                r.cancel.set()
+                return
+            await asyncio.sleep(0.25)
+
+    async def respond(self, req: api.Common, ids: list, kind: str, request: Optional[Request] = None) -> object:
         """Queue the request (a full queue is a 429 before any response starts), then stream or collect it."""
         from fastapi.responses import StreamingResponse
         r = self.new_request(req, ids)
@@ -153,7 +162,12 @@ class OpenAIRoutes:
                     yield f"data: {json.dumps(reply.last_chunk(r.finish_reason, len(ids), len(r.tokens)))}\n\n"
                 yield "data: [DONE]\n\n"
             return StreamingResponse(sse(), media_type="text/event-stream")
-        text = "".join([piece async for piece in pieces()])
+        watch = asyncio.ensure_future(self._cancel_on_disconnect(request, r)) if request is not None else None
+        try:
+            text = "".join([piece async for piece in pieces()])
+        finally:
+            if watch is not None:
+                watch.cancel()
         if r.finish_reason == "error":
             raise api.ApiError(500, f"generation failed: {r.error}", kind="server_error")
         return reply.whole(text.strip() if kind == "chat" else text, r.finish_reason, len(ids), len(r.tokens))
@@ -164,14 +178,14 @@ class OpenAIRoutes:
         if messages[-1]["role"] != "user":
             raise api.ApiError(400, "the last message must come from the user", param="messages")
         ids = self.loaded.template_for(self.adapter_of(req)).encode_prompt(messages)
-        return await self.respond(req, ids, "chat")
+        return await self.respond(req, ids, "chat", request)
 
     async def completions(self, request: Request) -> object:
         req = await self.parse(request, api.CompletionRequest)
         ids = self.loaded.tokenizer(req.prompt)["input_ids"]
         if not ids:
             raise api.ApiError(400, "prompt is empty", param="prompt")
-        return await self.respond(req, ids, "completion")
+        return await self.respond(req, ids, "completion", request)
 
     def model_list(self, request: Request) -> dict:
         self.check_key(request)
