@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -68,9 +68,9 @@ class Loaded:
         """Context for running the model as adapter `name`, or as the plain base for None."""
         self.engine.release()
         if name is None:
-            return self.model.disable_adapter() if self.adapters else _nothing()
+            return self.model.disable_adapter() if self.adapters else nullcontext()
         self.model.set_adapter(name)
-        return _nothing()
+        return nullcontext()
 
     def request(self, prompt_ids: Sequence[int], adapter: Optional[str] = None, sampling: Optional[Sampling] = None,
                 stop_strings: Sequence[str] = (), **extra) -> Request:
@@ -79,11 +79,6 @@ class Loaded:
         fields = dict(adapter=None if adapter in (None, "base") else adapter, sampling=sampling or Sampling(),
                       stop_ids=template.stop_token_ids(), stop_strings=_stop_strings(template) + list(stop_strings))
         return Request(list(prompt_ids), **{**fields, **extra})
-
-
-def _nothing():
-    from contextlib import nullcontext
-    return nullcontext()
 
 
 def load(adapter_paths: Sequence[str] = (), model: Optional[str] = None, system_prompt: Optional[str] = None,
