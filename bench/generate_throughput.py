@@ -213,8 +213,8 @@ def main():
         if "compare" not in args.skip:
             c = result["compare"] = compare_batching(model_dir, adapters, convs, args.max_new_tokens, args.precision)
             print(f"compare, base + 2 adapters x {c['questions']} questions: all models in one engine run "
-                  f"{c['mixed_batches_s']:.1f} s vs one model at a time {c['one_model_at_a_time_s']:.1f} s: {c['speedup']:.2f}x "
-                  f"(same answers: {c['same_answers']})")
+                  f"{c['mixed_batches_s']:.1f} s vs one model at a time {c['one_model_at_a_time_s']:.1f} s: "
+                  f"{c['speedup']:.2f}x (same answers: {c['same_answers']})")
         if "serve" not in args.skip:
             v = result["serve"] = server(model_dir, adapters, convs, args.max_new_tokens, args.precision)
             print(f"serve, {v['clients']} concurrent streaming clients (base and adapter mixed): "
