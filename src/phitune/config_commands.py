@@ -14,7 +14,7 @@ from phitune.engine import Sampling
 from phitune.errors import ConfigError
 from phitune.gguf_writer import OUTTYPES
 
-PRECISIONS = ("auto", "bf16", "fp32", "fp16")
+PRECISIONS = ("auto", "bf16", "fp32", "fp16", "int8")
 
 
 @dataclass

@@ -5,9 +5,9 @@ adapter (or the base), sampling settings, stop tokens, stop strings and token li
 batch between steps (their prompts are prefilled, then their KV cache is left-padded into the batch's)
 and leave it as soon as they finish, so a server can batch requests that arrive at different times.
 
-Adapters: a batch whose rows all use one adapter runs with that adapter merged into the weights
-(fp32 weights only: in bf16 the merge/unmerge round trip would drift), so a token costs what the base
-costs; a batch mixing adapters and the base runs PEFT's mixed-adapter forward (`adapter_names`).
+Rows of the base and of any adapters share batches: every LoRA layer adds each row's own adapter update
+(rows.py), and attention runs on each row's own tokens, so a row's answer is the one it gets alone. chat,
+which talks to one adapter all session, loads it merged into the weights instead (generate.load).
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from phitune import rows
+from phitune.rows import RowLora
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -115,7 +118,7 @@ class Request:
 class Engine:
     """Steps one batch of Requests on a loaded model (see generate.load)."""
 
-    def __init__(self, loaded, own_tokenizer: bool = False, merge: bool = True):
+    def __init__(self, loaded, own_tokenizer: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         # A server encodes prompts on its event loop while this engine decodes on its own thread; a fast
@@ -127,22 +130,14 @@ class Engine:
         self.mask = None  # (B, L) 1 where the cache holds a real token
         self.next_ids = None  # (B,) last sampled token, not yet fed to the model
         self.peft = bool(getattr(loaded, "adapters", None))
-        weights = next(self.model.parameters())
-        # A server flips between adapters all day; even fp32 merge/unmerge round trips would drift the base
-        # weights over thousands of flips, so a serving engine never merges (merge=False).
-        self.can_merge = merge and self.peft and weights.dtype == torch.float32 and \
-            not getattr(self.model, "is_quantized", False)
 
     # ------------------------------------------------------------------ public
     def run(self, requests: list, batch_size: int = 16) -> list:
         """Generate every request (continuous batching: a finished row's place goes to the next request).
 
-        Requests are taken model by model, then by length: a batch of one adapter runs merged at the base
-        model's cost, where a batch mixing adapters pays PEFT's per-adapter LoRA passes in every layer
-        (measured slower overall for compare's workload, bench/generate_throughput.py); the answers are the
-        same either way."""
-        order = {name: i for i, name in enumerate(dict.fromkeys(r.adapter for r in requests))}
-        pending = sorted(requests, key=lambda r: (-order[r.adapter], len(r.prompt_ids)), reverse=True)
+        Requests of every model share batches, taken shortest prompt first (less padding, and short
+        answers leave room early)."""
+        pending = sorted(requests, key=lambda r: len(r.prompt_ids), reverse=True)
         while pending or self.rows:
             room = batch_size - len(self.rows)
             if room > 0 and pending:
@@ -195,54 +190,47 @@ class Engine:
 
     # ------------------------------------------------------------------ model calls
     def _forward(self, ids, mask, positions, cache, adapters):
-        """(B, vocab) logits of the last position; the adapter set-up chosen for this batch's rows."""
+        """(B, vocab) logits of the last position, each row with its own adapter (rows.py)."""
         d = self.device
         kwargs = dict(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+        starts = (mask.shape[1] - mask.sum(-1)).tolist()  # left padding of each row
+        exact = self._rows()
+        with rows.batch(starts, adapters if self.peft else None, exact.min_rows if exact else 1):
+            if exact is not None:
+                exact.install()
+                model = self.model.get_base_model() if self.peft else self.model
+                return model(**kwargs).logits[:, -1].float()
+            if not self.peft:
+                return self.model(**kwargs).logits[:, -1].float()
+            return self._peft_forward(kwargs, adapters)
+
+    def _peft_forward(self, kwargs, adapters):
+        """Adapters RowLora cannot stack (DoRA, LoRA biases, embeddings): PEFT's own paths."""
         names = set(adapters)
-        if not self.peft:
-            return self.model(**kwargs).logits[:, -1].float()
         if names == {None}:
-            self._merge(None)
             with self.model.disable_adapter():
                 return self.model(**kwargs).logits[:, -1].float()
-        if len(names) == 1 and self.can_merge:
-            self._merge(adapters[0])
-            return self.model(**kwargs).logits[:, -1].float()
-        self._merge(None)
-        if len(names) == 1:  # one adapter, not merged (bf16 weights): PEFT's ordinary path
+        if len(names) == 1:
             self.model.set_adapter(adapters[0])
             return self.model(**kwargs).logits[:, -1].float()
-        mixed = self._mixed_lora()
-        if mixed is not None:
-            return mixed.forward(adapters, **kwargs).logits[:, -1].float()
         return self.model(**kwargs, adapter_names=[BASE if a is None else a for a in adapters]).logits[:, -1].float()
 
-    def _mixed_lora(self):
-        """Stacked adapters for mixed batches (mixed_lora.py), built once per model; None where unsupported."""
-        if not hasattr(self.model, "_phitune_mixed"):
-            from phitune.mixed_lora import MixedLora
-            names = list(self.loaded.adapters)
-            self.model._phitune_mixed = MixedLora(self.model, names) if MixedLora.supports(self.model) else None
-        return self.model._phitune_mixed
-
-    @property
-    def merged(self) -> Optional[str]:
-        """The adapter whose update is folded into the weights now (kept on the model: engines share it)."""
-        return getattr(self.model, "_phitune_merged", None)
-
-    def _merge(self, name):
-        if self.merged == name:
-            return
-        if self.merged is not None:
-            self.model.unmerge_adapter()
-        if name is not None:
-            self.model.merge_adapter([name])
-        self.model._phitune_merged = name
+    def _rows(self):
+        """Row-exact layers with stacked adapters (rows.RowLora), built once per model; None for chat's one
+        conversation (nothing shares its batches) and for adapters it cannot stack."""
+        if getattr(self.loaded, "alone", False):
+            return None
+        if not hasattr(self.model, "_phitune_rows"):
+            self.model._phitune_rows = RowLora(self.model, list(self.loaded.adapters)) \
+                if not self.peft or RowLora.supports(self.model) else None
+        return self.model._phitune_rows
 
     def release(self) -> None:
-        """Unfold any merged adapter, leaving the weights as loaded (call before training or saving)."""
-        self._merge(None)
+        """Give the model back its PEFT layers (set_adapter / disable_adapter work again), e.g. to compute a loss."""
+        lora = getattr(self.model, "_phitune_rows", None)
+        if lora is not None:
+            lora.remove()
 
     # ------------------------------------------------------------------ batch bookkeeping
     def _join(self, requests, cache, mask):

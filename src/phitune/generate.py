@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from phitune import adapters, models
+from phitune import adapters, models, rows
 from phitune.engine import Engine, Request, Sampling
 from phitune.templates import Template
 
@@ -42,6 +42,7 @@ class Loaded:
     metas: dict  # name -> phitune.json contents
     device: torch.device
     base_name: str
+    alone: bool = False  # one conversation with one model at a time (chat): rows never share a batch
     _engine: Optional[Engine] = None
 
     @property
@@ -103,12 +104,9 @@ def load(adapter_paths: Sequence[str] = (), model: Optional[str] = None, system_
         base_name = "microsoft/phi-2"
     device = models.pick_device()
     config = models.load_config(base_name, trust_remote_code)
-    dtype = models.inference_dtype(device, precision, config.model_type)
-    if device.type == "cpu" and precision == "auto" and not merge:
-        # bf16 matmuls round differently for one row than for a batch of rows, so a greedy answer could
-        # change with what else is in the batch. Where several models or requests share batches (compare,
-        # eval, serve) answers must not depend on that: fp32 unless --precision bf16 asks for speed instead.
-        dtype = torch.float32
+    int8 = precision == "int8"
+    dtype = models.inference_dtype(device, "bf16" if int8 and device.type == "cpu" else
+                                   "auto" if int8 else precision, config.model_type)
     tokenizer = models.load_tokenizer(base_name, trust_remote_code)
     templates = {None: Template(tokenizer, "auto", system_prompt)}
     for name, meta in metas.items():
@@ -122,7 +120,11 @@ def load(adapter_paths: Sequence[str] = (), model: Optional[str] = None, system_
         net = net.merge_and_unload()
         names = {}
     net = net.to(device=device, dtype=dtype).eval()
-    loaded = Loaded(net, tokenizer, templates, names, metas, device, base_name)
+    if int8:
+        from phitune.int8 import quantize
+        quantize(net, dtype)
+    rows.install_attention(net)
+    loaded = Loaded(net, tokenizer, templates, names, metas, device, base_name, alone=merge)
     if merge and metas:
         only = next(iter(metas))
         loaded.templates = {None: templates[only], only: templates[only]}  # the merged model answers as the adapter

@@ -204,7 +204,7 @@ def build_app(loaded: gen.Loaded, api_key: Optional[str] = None, max_tokens_limi
     from phitune import webui
 
     app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None)
-    scheduler = Scheduler(Engine(loaded, own_tokenizer=True, merge=False), max_batch=max_batch, max_queue=max_queue)
+    scheduler = Scheduler(Engine(loaded, own_tokenizer=True), max_batch=max_batch, max_queue=max_queue)
     app.state.scheduler = scheduler
     routes = OpenAIRoutes(loaded, scheduler, api_key, max_tokens_limit, max_prompt_tokens, max_body_bytes)
 
