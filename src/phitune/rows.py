@@ -20,8 +20,9 @@ every row of a mixed batch gives the answer it gives alone.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
