@@ -69,12 +69,14 @@ def single_stream(model_dir, adapter, convs, n_new):
     from transformers import AutoModelForCausalLM
 
     from phitune import generate as gen
-    fast = gen.load([adapter], precision="auto", merge=True)  # what `phitune chat` runs
+    chats = {"phitune": gen.load([adapter], precision="auto", merge=True),  # what `phitune chat` runs
+             "phitune_int8": gen.load([adapter], precision="int8", merge=True)}  # `phitune chat --precision int8`
+    fast = chats["phitune"]
     tok = fast.tokenizer
     plain_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()
     sampling = gen.Sampling(max_new_tokens=n_new)
-    rows = {"plain": [], "phitune": []}
-    for conv in [convs[0]] + convs:  # the first prompt warms both up and is not counted
+    rows = {"plain": [], **{k: [] for k in chats}}
+    for conv in [convs[0]] + convs:  # the first prompt warms every system up and is not counted
         ids = fast.template.encode_prompt(conv)
         x = torch.tensor([ids])
         first = Clock()
@@ -85,18 +87,23 @@ def single_stream(model_dir, adapter, convs, n_new):
                                        streamer=first)
         total = time.perf_counter() - t
         plain = (out.shape[1] - x.shape[1], first.times[1] - t, total)  # put() #1 is the prompt, #2 the first token
-        req = fast.request(ids, None, sampling, stop_ids=[])  # same token count as plain: no early stop
-        t = time.perf_counter()
-        fast.engine.run([req], 1)
-        mine = (len(req.tokens), req.first_token_s, time.perf_counter() - t)
         rows["plain"].append(plain)
-        rows["phitune"].append(mine)
+        for name, loaded in chats.items():
+            req = loaded.request(ids, None, sampling, stop_ids=[])  # same token count as plain: no early stop
+            t = time.perf_counter()
+            loaded.engine.run([req], 1)
+            rows[name].append((len(req.tokens), req.first_token_s, time.perf_counter() - t, req.tokens))
     rows = {k: v[1:] for k, v in rows.items()}
-    summary = {k: {"tokens_per_s": statistics.median(n / s for n, _, s in v),
-                   "first_token_ms": 1000 * statistics.median(f for _, f, _ in v), "runs": len(v)}
+    summary = {k: {"tokens_per_s": statistics.median(r[0] / r[2] for r in v),
+                   "first_token_ms": 1000 * statistics.median(r[1] for r in v), "runs": len(v)}
                for k, v in rows.items()}
-    summary["speedup"] = summary["phitune"]["tokens_per_s"] / summary["plain"]["tokens_per_s"]
+    for name in chats:
+        summary[name]["speedup"] = summary[name]["tokens_per_s"] / summary["plain"]["tokens_per_s"]
+    summary["speedup"] = summary["phitune"]["speedup"]
     summary["weights"] = str(next(fast.model.parameters()).dtype)
+    # How often int8 gives the same greedy tokens as the default weights (same prompt, same length).
+    same = [a[3] == b[3] for a, b in zip(rows["phitune"], rows["phitune_int8"])]
+    summary["int8_same_tokens_as_default"] = f"{sum(same)}/{len(same)}"
     return summary, fast
 
 
@@ -194,10 +201,13 @@ def main():
         if "single" not in args.skip:
             result["single_stream"], fast = single_stream(model_dir, adapters[0], convs[:6], args.max_new_tokens)
             s = result["single_stream"]
-            print(f"single stream: phitune {s['phitune']['tokens_per_s']:.1f} tok/s (first token "
-                  f"{s['phitune']['first_token_ms']:.0f} ms, weights {s['weights']}) vs plain generate with PEFT "
-                  f"{s['plain']['tokens_per_s']:.1f} tok/s (first token {s['plain']['first_token_ms']:.0f} ms): "
-                  f"{s['speedup']:.2f}x")
+            print(f"single stream: plain generate with PEFT {s['plain']['tokens_per_s']:.1f} tok/s (first token "
+                  f"{s['plain']['first_token_ms']:.0f} ms)")
+            labels = (("phitune", f"chat, weights {s['weights']}"), ("phitune_int8", "chat --precision int8"))
+            for name, label in labels:
+                print(f"  phitune {label}: {s[name]['tokens_per_s']:.1f} tok/s (first token "
+                      f"{s[name]['first_token_ms']:.0f} ms): {s[name]['speedup']:.2f}x")
+            print(f"  int8 answers token-identical to the default weights: {s['int8_same_tokens_as_default']}")
             if "llamacpp" not in args.skip:
                 ids = [fast.template.encode_prompt(c) for c in convs[:6]]
                 merged = tmp / "tuned-f16.gguf"
@@ -211,10 +221,12 @@ def main():
                     print(f"llama.cpp {k} (2 threads): {v['tokens_per_s']:.1f} tok/s (first token "
                           f"{v['first_token_ms']:.0f} ms, {v['mean_tokens']:.0f} tokens per answer)")
         if "compare" not in args.skip:
-            c = result["compare"] = compare_batching(model_dir, adapters, convs, args.max_new_tokens, args.precision)
-            print(f"compare, base + 2 adapters x {c['questions']} questions: all models in one engine run "
-                  f"{c['mixed_batches_s']:.1f} s vs one model at a time {c['one_model_at_a_time_s']:.1f} s: "
-                  f"{c['speedup']:.2f}x (same answers: {c['same_answers']})")
+            result["compare"] = [compare_batching(model_dir, adapters, convs[:n], args.max_new_tokens, args.precision)
+                                 for n in sorted({4, len(convs)})]
+            for c in result["compare"]:
+                print(f"compare, base + 2 adapters x {c['questions']} questions: all models in one engine run "
+                      f"{c['mixed_batches_s']:.1f} s vs one model at a time {c['one_model_at_a_time_s']:.1f} s: "
+                      f"{c['speedup']:.2f}x (same answers: {c['same_answers']})")
         if "serve" not in args.skip:
             v = result["serve"] = server(model_dir, adapters, convs, args.max_new_tokens, args.precision)
             print(f"serve, {v['clients']} concurrent streaming clients (base and adapter mixed): "

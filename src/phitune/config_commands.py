@@ -26,9 +26,9 @@ class Models:
     system_prompt: Optional[str] = opt(None, "system prompt for every model (default: the one each adapter "
                                              "recorded; none for the base)")
     trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code")
-    precision: str = opt("auto", "auto | bf16 | fp32 | fp16: weights for generation. auto: bf16 on GPUs and for "
-                                 "chat on CPUs with native bf16; fp32 where rows share batches on a CPU (compare, "
-                                 "eval, serve), so an answer never depends on what else is in the batch",
+    precision: str = opt("auto", "auto | bf16 | fp32 | fp16 | int8: weights for generation. auto: bf16 on GPUs and "
+                                 "on CPUs with native bf16, fp32 elsewhere. int8: every linear weight int8 with one "
+                                 "scale per row (fastest on a CPU; answers close to, not equal to, full precision)",
                          choices=PRECISIONS)
 
 

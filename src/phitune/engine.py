@@ -22,6 +22,7 @@ import torch
 
 from phitune import rows
 from phitune.rows import RowLora
+from phitune.top_logits import TopLogits
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -130,6 +131,9 @@ class Engine:
         self.mask = None  # (B, L) 1 where the cache holds a real token
         self.next_ids = None  # (B,) last sampled token, not yet fed to the model
         self.peft = bool(getattr(loaded, "adapters", None))
+        if not hasattr(self.model, "_phitune_top"):  # one hook per model, shared by its engines
+            self.model._phitune_top = TopLogits(self.model)
+        self.top = self.model._phitune_top
 
     # ------------------------------------------------------------------ public
     def run(self, requests: list, batch_size: int = 16) -> list:
@@ -283,6 +287,7 @@ class Engine:
 
     def _accept(self, rows, logits, offset):
         """Choose each row's next token from its logits; record text, stops and limits."""
+        logits = self.top.refine(logits)
         chosen = logits.argmax(-1).cpu()
         now = time.perf_counter()
         for i, r in enumerate(rows):

@@ -23,8 +23,11 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(dtype))
+        # The kernel takes the scales in the activation dtype: round them up to it first (so no weight
+        # needs more than 127 steps), then round each weight to the nearest step of its row's scale.
+        scale = (scale * (1 + 2 ** -7)).to(dtype)
+        self.register_buffer("qweight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 

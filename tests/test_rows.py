@@ -1,0 +1,115 @@
+"""A row's answer does not depend on its batch (rows.py), and --precision int8 (int8.py)."""
+import subprocess
+import threading
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import MEMORISE
+from test_chat_compare import PHITUNE
+from phitune import generate as gen
+from phitune.engine import Engine
+from phitune.int8 import Int8Linear
+from phitune.rows import exact_rows
+from test_engine import QUESTIONS, two_adapters  # noqa: F401  (fixture)
+
+KINDS = {"bf16": "bf16", "int8": "int8"}
+
+
+def _requests(loaded, n_new=10):
+    cols = [None, "a", "b", "a", None, "b", "b"]
+    return [loaded.request(loaded.template_for(c).encode_prompt([{"role": "user", "content": q}]), c,
+                           gen.Sampling(max_new_tokens=n_new), stop_ids=[])
+            for q, c in zip(QUESTIONS + QUESTIONS[:2], cols)]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("arch", ["phi", "phi3", "llama"])
+def test_every_row_of_a_busy_batch_equals_the_row_alone(arch, precision, tiny_models, two_adapters):  # noqa: F811
+    """Rows of base, a and b join a running batch at different steps (as a server's requests do) and leave
+    it at different times; each row's tokens are bit for bit the ones it gets alone. Tiny random models have
+    near-flat logits, so a last-bit difference in any layer shows up as another token."""
+    if exact_rows(KINDS[precision]) is None:
+        pytest.skip(f"this CPU's {precision} matmul gives a row different bits in different batches")
+    a, b = two_adapters[arch]
+    loaded = gen.load([f"a={a}", f"b={b}"], precision=precision)
+    busy = _requests(loaded)
+    for r, n in zip(busy, (10, 4, 10, 7, 10, 3, 10)):
+        r.sampling = gen.Sampling(max_new_tokens=n)
+    engine = Engine(loaded)
+    engine.add(busy[:2])
+    for r in busy[2:]:  # one more row joins at every step
+        engine.step()
+        engine.add([r])
+    while engine.rows:
+        engine.step()
+    for r in busy:
+        alone = loaded.request(r.prompt_ids, r.adapter, r.sampling, stop_ids=[])
+        Engine(loaded).run([alone], batch_size=1)
+        assert r.tokens == alone.tokens, (r.adapter, r.prompt_ids)
+
+
+def test_generation_gives_peft_its_layers_back_for_a_loss(tiny_models, two_adapters):  # noqa: F811
+    """After the engine ran mixed batches, the model under use(name) computes what PEFT computes (eval's loss)."""
+    a, b = two_adapters["llama"]
+    loaded = gen.load([f"a={a}", f"b={b}"], precision="fp32")
+    gen.generate_jobs(loaded, [([{"role": "user", "content": q}], c, gen.Sampling(max_new_tokens=4))
+                               for q in QUESTIONS[:2] for c in (None, "a", "b")])
+    ids = torch.tensor([loaded.template.encode_prompt([{"role": "user", "content": QUESTIONS[0]}])])
+    fresh_base = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    fresh_b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), b).eval()
+    with torch.no_grad():
+        with loaded.use("b"):
+            mine_b = loaded.model(input_ids=ids).logits
+        with loaded.use(None):
+            mine_base = loaded.model(input_ids=ids).logits
+        torch.testing.assert_close(mine_b, fresh_b(input_ids=ids).logits)
+        torch.testing.assert_close(mine_base, fresh_base(input_ids=ids).logits)
+
+
+def test_int8_linear_is_the_rounded_weight():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    q = Int8Linear(linear)
+    assert q.qweight.dtype == torch.int8 and q.qweight.abs().max() >= 126
+    dequant = q.qweight.float() * q.scale.float()[:, None]
+    assert (dequant - linear.weight).abs().max() <= q.scale.float().max() / 2 + 1e-6  # half a step at most
+    x = torch.randn(5, 3, 64)
+    want = torch.nn.functional.linear(x.bfloat16().float(), dequant, linear.bias.detach().bfloat16().float())
+    torch.testing.assert_close(q(x).float(), want, atol=0.05, rtol=0.02)
+
+
+def test_int8_keeps_the_memorised_answers_and_the_adapters_apart(tiny_models, memorised_adapter):
+    """int8 weights with the adapter merged (chat) and unmerged beside the base (compare, serve)."""
+    chat = gen.load([memorised_adapter], precision="int8", merge=True)
+    assert sum(isinstance(m, Int8Linear) for m in chat.model.modules()) == 1 + 7 * chat.model.config.num_hidden_layers
+    served = gen.load([f"tuned={memorised_adapter}"], precision="int8")
+    convs = [[{"role": "user", "content": row["prompt"]}] for row in MEMORISE]
+    sampling = gen.Sampling(max_new_tokens=30)
+    assert [a.text for a in gen.generate(chat, convs, sampling)] == [row["response"] for row in MEMORISE]
+    jobs = [(c, col, sampling) for c in convs for col in ("tuned", None)]
+    answers = gen.generate_jobs(served, jobs)
+    assert [a.text for a in answers[::2]] == [row["response"] for row in MEMORISE]
+    assert all(a.text != row["response"] for a, row in zip(answers[1::2], MEMORISE))  # the base never learned them
+
+
+def test_chat_with_int8_weights_from_the_command_line(memorised_adapter):
+    args = PHITUNE + ["chat", "--adapter_path", str(memorised_adapter), "--precision", "int8", "--temperature", "0"]
+    done = subprocess.run(args + ["--prompt", "Say the code for green"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "The code for green is three.\n"
+
+
+def test_cancelled_row_leaves_within_one_step_in_a_shared_batch(tiny_models, two_adapters):  # noqa: F811
+    a, b = two_adapters["phi3"]
+    loaded = gen.load([f"a={a}", f"b={b}"], precision="bf16")
+    reqs = _requests(loaded, n_new=1000)[:3]
+    reqs[1].cancel = threading.Event()
+    engine = Engine(loaded)
+    engine.add(reqs)
+    engine.step()
+    reqs[1].cancel.set()
+    engine.step()
+    assert reqs[1].finish_reason == "cancelled" and engine.rows == [reqs[0], reqs[2]]
