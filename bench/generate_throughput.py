@@ -8,8 +8,9 @@
    original Q4_1 file of the base model.
 2. compare/eval: base + two adapters over many questions, all models in the same batches vs one model at a
    time (the previous way), same engine otherwise.
-3. serve: 8 concurrent streaming clients, base and adapter requests mixed, vs the same requests one at a
-   time; aggregate tokens/s, first-token latency (median, p95), and whether every answer equals its serial one.
+3. serve: a `phitune serve` process; 8 concurrent streaming clients, base and adapter requests mixed, vs the
+   same requests one at a time; aggregate tokens/s, first-token latency (median, p95), and whether every
+   answer equals its serial one.
 Writes bench/generate_throughput.json.
 """
 import argparse
@@ -141,37 +142,54 @@ def compare_batching(model_dir, adapters, convs, n_new, precision):
 
 
 def server(model_dir, adapters, convs, n_new, precision, clients=8):
-    from fastapi.testclient import TestClient
+    """A real `phitune serve` process; the clients are threads of this process, talking HTTP to it."""
+    import socket
+    import urllib.error
+    import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", "--adapter_path", f"tuned={adapters[0]}",
+                             "--precision", precision, "--port", str(port), "--max_tokens_limit", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        bodies = [{"model": "base" if i % 2 else "tuned", "temperature": 0, "max_tokens": n_new, "stream": True,
+                   "messages": convs[i % len(convs)]} for i in range(clients)]
 
-    from phitune import generate as gen
-    from phitune.serve import build_app
-    loaded = gen.load([f"tuned={adapters[0]}"], precision=precision)
-    app = build_app(loaded, max_tokens_limit=1024)
-    bodies = [{"model": "base" if i % 2 else "tuned", "temperature": 0, "max_tokens": n_new, "stream": True,
-               "messages": convs[i % len(convs)]} for i in range(clients)]
-
-    def one(c, body):
-        began, first, text, tokens = time.perf_counter(), None, "", 0
-        with c.stream("POST", "/v1/chat/completions", json=body) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    event = json.loads(line[6:])
-                    piece = event["choices"][0].get("delta", {}).get("content")
-                    if piece:
-                        first = first or time.perf_counter() - began
-                        text += piece
-                    if event.get("usage"):
-                        tokens = event["usage"]["completion_tokens"]
-        return text, tokens, first
-    with TestClient(app) as c:
-        one(c, bodies[0])  # warm up
+        def one(body):
+            began, first, text, tokens = time.perf_counter(), None, "", 0
+            request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=600) as r:
+                for raw in r:
+                    line = raw.decode().strip()
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        event = json.loads(line[6:])
+                        piece = event["choices"][0].get("delta", {}).get("content")
+                        if piece:
+                            first = first or time.perf_counter() - began
+                            text += piece
+                        if event.get("usage"):
+                            tokens = event["usage"]["completion_tokens"]
+            return text, tokens, first
+        one(bodies[0])  # warm up
         t = time.perf_counter()
-        serial = [one(c, b) for b in bodies]
+        serial = [one(b) for b in bodies]
         serial_s = time.perf_counter() - t
         t = time.perf_counter()
         with ThreadPoolExecutor(max_workers=clients) as pool:
-            together = list(pool.map(lambda b: one(c, b), bodies))
+            together = list(pool.map(one, bodies))
         together_s = time.perf_counter() - t
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
     firsts = sorted(f for _, _, f in together)
     tokens = sum(n for _, n, _ in together)
     return {"clients": clients, "tokens": tokens, "concurrent_tokens_per_s": tokens / together_s,
@@ -179,6 +197,7 @@ def server(model_dir, adapters, convs, n_new, precision, clients=8):
             "speedup": (tokens / together_s) / (sum(n for _, n, _ in serial) / serial_s),
             "first_token_ms_median": 1000 * statistics.median(firsts),
             "first_token_ms_p95": 1000 * firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))],
+            "serial_first_token_ms_median": 1000 * statistics.median(f for _, _, f in serial),
             "same_answers_as_serial": [x[0] for x in together] == [x[0] for x in serial]}
 
 

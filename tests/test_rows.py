@@ -8,11 +8,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import MEMORISE
-from test_chat_compare import PHITUNE
 from phitune import generate as gen
 from phitune.engine import Engine
 from phitune.int8 import Int8Linear
 from phitune.rows import exact_rows
+from test_chat_compare import PHITUNE
 from test_engine import QUESTIONS, two_adapters  # noqa: F401  (fixture)
 
 KINDS = {"bf16": "bf16", "int8": "int8"}
