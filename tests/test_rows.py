@@ -15,6 +15,7 @@ from phitune.rows import exact_rows
 from test_chat_compare import PHITUNE
 from test_engine import QUESTIONS, two_adapters  # noqa: F401  (fixture)
 
+
 def _requests(loaded, n_new=10):
     cols = [None, "a", "b", "a", None, "b", "b"]
     return [loaded.request(loaded.template_for(c).encode_prompt([{"role": "user", "content": q}]), c,
