@@ -170,3 +170,21 @@ def test_rows_of_different_models_in_one_batch_equal_each_model_alone(arch, tiny
         alone = loaded.request(r.prompt_ids, r.adapter, gen.Sampling(max_new_tokens=10))
         Engine(loaded).run([alone], batch_size=1)
         assert r.tokens == alone.tokens, r.adapter
+
+
+def test_closing_the_scheduler_ends_rows_in_flight_and_waiting(tiny_models):
+    import time
+
+    from phitune.scheduler import Scheduler
+    loaded = gen.load(model=str(tiny_models["llama"]), precision="fp32")
+    scheduler = Scheduler(Engine(loaded), max_batch=1)
+    ids = loaded.template.encode_prompt([{"role": "user", "content": "hi"}])
+    reqs = [loaded.request(ids, None, gen.Sampling(max_new_tokens=100_000), stop_ids=[]) for _ in range(3)]
+    for r in reqs:
+        scheduler.submit(r)
+    deadline = time.time() + 30
+    while not reqs[0].tokens and time.time() < deadline:
+        time.sleep(0.01)
+    scheduler.close()
+    assert [r.finish_reason for r in reqs] == ["error"] * 3
+    assert all("shutting down" in r.error for r in reqs)

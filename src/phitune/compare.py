@@ -1,7 +1,8 @@
 """`phitune compare`: base model and adapters answer the same questions, side by side.
 
-One copy of the base model is in memory: base answers are generated inside PEFT's disable_adapter(),
-so they come from the untouched base weights, not from the tuned model.
+One copy of the base model is in memory, with every adapter beside it: base rows get no LoRA update at
+all (an exact zero in rows.py), so their answers come from the untouched base weights, not from the tuned
+model (tests/test_engine.py compares them with a freshly loaded base).
 """
 import argparse
 import json

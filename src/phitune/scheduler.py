@@ -49,7 +49,9 @@ class Scheduler:
             with self._wake:
                 while not self._closed and not self._waiting and not self.engine.rows:
                     self._wake.wait()
-                if self._closed:
+                if self._closed:  # rows in flight and requests still waiting end now, not never
+                    self.engine.fail("the server is shutting down", also=list(self._waiting))
+                    self._waiting.clear()
                     return
                 room = self.max_batch - len(self.engine.rows)
                 joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
