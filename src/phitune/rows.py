@@ -227,7 +227,9 @@ class RowLora:
                 kinds.add(_kind(module))
         self.swaps = [(model.get_submodule(n.rpartition(".")[0]) if "." in n else model, n.rpartition(".")[2], old, new)
                       for n, old, new in self.swaps]
-        rows = [exact_rows(k) for k in kinds]
+        # Measured for this machine's CPU kernels; on a GPU no row count is claimed (and none is padded to).
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        rows = [exact_rows(k) for k in kinds] if on_cpu else [None]
         self.exact = None not in rows  # every row's answer is the one it gets alone
         self.min_rows = max([r for r in rows if r] or [1])
         self.installed = False
