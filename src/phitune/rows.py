@@ -110,26 +110,17 @@ def install_attention(model: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- matmuls
-def _fill(x: torch.Tensor, min_rows: int):
-    """x as (rows, in) with zero rows added up to min_rows, and the leading shape to restore (None: as is)."""
-    n = x.shape[:-1].numel()
-    if n >= min_rows:
-        return x, None
-    flat = x.reshape(n, x.shape[-1])
-    return torch.cat([flat, flat.new_zeros(min_rows - n, x.shape[-1])]), x.shape[:-1]
-
-
 def _fill_to(x: torch.Tensor, rows: int) -> torch.Tensor:
     """(n, in) with zero rows added up to `rows`."""
     return x if len(x) >= rows else torch.cat([x, x.new_zeros(rows - len(x), x.shape[1])])
 
 
-def _unfill(y: torch.Tensor, lead) -> torch.Tensor:
-    return y if lead is None else y[:lead.numel()].reshape(*lead, y.shape[-1])
-
-
 class PadRows(nn.Module):
-    """A linear layer that never multiplies fewer than the batch's min_rows rows (zero rows fill in)."""
+    """A linear layer that never multiplies fewer than the batch's min_rows rows (zero rows fill in).
+
+    It always hands its layer a 2-D input: the last position of a batch of prompts (what the LM head gets
+    after a prefill) is a strided 3-D view, and F.linear on that expands the weight to one copy per row
+    and runs a batched matmul (for the demo model's head and 8 prompts: a 1.4 GB copy, 250 ms)."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
@@ -137,8 +128,11 @@ class PadRows(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = current()
-        x, lead = _fill(x, b.min_rows if b else 1)
-        return _unfill(self.inner(x), lead)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        n = len(x)
+        y = self.inner(_fill_to(x, b.min_rows) if b is not None else x)
+        return y[:n].reshape(*lead, y.shape[-1])
 
 
 def exact_rows(kind: str) -> Optional[int]:
