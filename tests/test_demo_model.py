@@ -48,3 +48,39 @@ def test_compare_keeps_one_base_copy_in_memory(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         peaks[name] = float(re.search(r"memory: peak (\d+) MiB", r.stderr).group(1))
     assert peaks["tuned"] <= 1.15 * peaks["base"], peaks
+
+
+def test_demo_model_batched_answers_equal_plain_generate(tmp_path):
+    """The real model: base and adapter rows in one fp32 batch give plain `generate`'s greedy tokens; in bf16
+    each row of a mixed batch gives its answer alone, bit for bit (where this CPU's bf16 matmul allows)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from phitune import generate as gen
+    from phitune.engine import Engine
+    from phitune.models import provision_demo
+    from phitune.rows import exact_rows
+    from test_engine import plain, random_adapter
+    model_dir = provision_demo()
+    adapter = random_adapter(model_dir, tmp_path / "a", 1, "llama")
+    questions = ["What is the capital of France?", "Name a colour.", "Describe a coffee shop near the river."]
+    loaded = gen.load([f"a={adapter}"], precision="fp32")
+    jobs = [([{"role": "user", "content": q}], col, gen.Sampling(max_new_tokens=12)) for q in questions
+            for col in (None, "a")]
+    requests = [loaded.request(loaded.template_for(c).encode_prompt(conv), c, s, stop_ids=[]) for conv, c, s in jobs]
+    Engine(loaded).run(requests, batch_size=6)
+    models = {None: AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+              "a": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()}
+    with torch.no_grad():
+        for r in requests:
+            assert r.tokens == plain(models[r.adapter], r.prompt_ids, [], loaded.tokenizer.pad_token_id, 12)
+    if exact_rows("bf16") is None:
+        return
+    loaded = gen.load([f"a={adapter}"], precision="bf16")
+    together = [loaded.request(r.prompt_ids, r.adapter, r.sampling, stop_ids=[]) for r in requests]
+    Engine(loaded).run(together, batch_size=6)
+    for r in together:
+        alone = loaded.request(r.prompt_ids, r.adapter, r.sampling, stop_ids=[])
+        Engine(loaded).run([alone], batch_size=1)
+        assert r.tokens == alone.tokens
