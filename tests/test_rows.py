@@ -111,3 +111,25 @@ def test_cancelled_row_leaves_within_one_step_in_a_shared_batch(tiny_models, two
     reqs[1].cancel.set()
     engine.step()
     assert reqs[1].finish_reason == "cancelled" and engine.rows == [reqs[0], reqs[2]]
+
+
+def test_packed_bf16_layers_give_the_same_answers(tiny_models, monkeypatch):
+    """Weights packed once for oneDNN (packed.py) give F.linear's bits: same layer outputs, same answers."""
+    from phitune import packed
+    if not packed.available():
+        pytest.skip("this PyTorch build has no oneDNN bf16 linear")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80, dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(7, 3, 96, dtype=torch.bfloat16)
+    assert torch.equal(packed.PackedLinear(linear)(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    sampling = gen.Sampling(max_new_tokens=12)
+    for arch in ("phi", "llama"):
+        fast = gen.load(model=str(tiny_models[arch]), precision="bf16")
+        assert any(isinstance(m, packed.PackedLinear) for m in fast.model.modules())
+        with monkeypatch.context() as m:
+            m.setattr(packed, "pack", lambda model: 0)
+            plain = gen.load(model=str(tiny_models[arch]), precision="bf16")
+        assert not any(isinstance(m, packed.PackedLinear) for m in plain.model.modules())
+        assert [a.text for a in gen.generate(fast, convs, sampling)] == [a.text for a in gen.generate(plain, convs,
+                                                                                                      sampling)]

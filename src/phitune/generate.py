@@ -125,6 +125,9 @@ def load(adapter_paths: Sequence[str] = (), model: Optional[str] = None, system_
     if int8:
         from phitune.int8 import quantize
         quantize(net, dtype)
+    elif device.type == "cpu" and dtype == torch.bfloat16:
+        from phitune.packed import pack
+        pack(net)
     rows.install_attention(net)
     loaded = Loaded(net, tokenizer, templates, names, metas, device, base_name, alone=merge)
     if merge and metas:

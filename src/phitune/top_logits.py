@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from phitune.int8 import Int8Linear
+from phitune.packed import PackedLinear
 
 
 class TopLogits:
@@ -30,7 +31,7 @@ class TopLogits:
         weight = self.head.scale if isinstance(self.head, Int8Linear) else getattr(self.head, "weight", None)
         # Only a plain (or int8) linear head whose logits the model does not rescale, computed below fp32.
         self.active = (not scaled and weight is not None and weight.dtype in (torch.bfloat16, torch.float16)
-                       and isinstance(self.head, (nn.Linear, Int8Linear)))
+                       and isinstance(self.head, (nn.Linear, Int8Linear, PackedLinear)))
         self.hidden: Optional[torch.Tensor] = None
         if self.active:
             self.head.register_forward_hook(self._keep)

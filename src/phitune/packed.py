@@ -1,0 +1,70 @@
+"""bf16 linear layers for CPU generation with their weights kept in oneDNN's own layout.
+
+`F.linear` on a bf16 CPU tensor hands the weight to oneDNN, which reorders it into its blocked layout
+on every call. Reordering once at load time and calling oneDNN directly gives the same numbers, bit for
+bit (tests/test_rows.py), and reads the weights faster: all matrix-vector products of one demo-model token
+took 8.0 ms instead of 11.9 ms (1.45x), 9.2 instead of 13.0 ms for 8 rows.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class PackedLinear(nn.Module):
+    """A frozen linear layer; `weight` is kept only where asked (the LM head, whose rows top_logits reads)."""
+
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False):
+        super().__init__()
+        w = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.weight: Optional[torch.Tensor] = w if keep_weight else None
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias, "none",
+                                               [], "")
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed bf16"
+
+
+def available() -> bool:
+    """oneDNN's bf16 linear runs here (PyTorch's CPU build with mkldnn); checked once."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = _check()
+    return _AVAILABLE
+
+
+_AVAILABLE: Optional[bool] = None
+
+
+def _check() -> bool:
+    try:
+        w = torch.ones(8, 8, dtype=torch.bfloat16)
+        y = PackedLinear(nn.Linear(8, 8, bias=False, dtype=torch.bfloat16).requires_grad_(False))(w)
+        return y.shape == (8, 8)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def pack(model: nn.Module) -> int:
+    """Replace every frozen bf16 CPU nn.Linear (LoRA layers' base weights included, their A and B not) by a
+    PackedLinear; returns how many. Call after the model is on its device and in its dtype."""
+    if not available():
+        return 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and "lora_" not in name and module.weight.dtype == torch.bfloat16
+               and module.weight.device.type == "cpu"]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PackedLinear(module, keep_weight=module is head))
+    return len(targets)
