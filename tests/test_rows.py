@@ -11,7 +11,6 @@ from conftest import MEMORISE
 from phitune import generate as gen
 from phitune.engine import Engine
 from phitune.int8 import Int8Linear
-from phitune.rows import exact_rows
 from test_chat_compare import PHITUNE
 from test_engine import QUESTIONS, two_adapters  # noqa: F401  (fixture)
 
@@ -23,16 +22,21 @@ def _requests(loaded, n_new=10):
             for q, c in zip(QUESTIONS + QUESTIONS[:2], cols)]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def exact_here(loaded) -> bool:
+    """Whether this CPU's kernels for this model treat every row alike (rows.exact_rows), as the engine sees it."""
+    return Engine(loaded)._rows().exact
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("arch", ["phi", "phi3", "llama"])
 def test_every_row_of_a_busy_batch_equals_the_row_alone(arch, precision, tiny_models, two_adapters):  # noqa: F811
     """Rows of base, a and b join a running batch at different steps (as a server's requests do) and leave
     it at different times; each row's tokens are bit for bit the ones it gets alone. Tiny random models have
     near-flat logits, so a last-bit difference in any layer shows up as another token."""
-    if exact_rows(precision) is None or exact_rows("bf16") is None:  # int8 models keep bf16 LoRA weights
-        pytest.skip(f"this CPU's {precision} matmul gives a row different bits in different batches")
     a, b = two_adapters[arch]
     loaded = gen.load([f"a={a}", f"b={b}"], precision=precision)
+    if not exact_here(loaded):
+        pytest.skip(f"this CPU's {precision} matmul gives a row different bits in different batches")
     busy = _requests(loaded)
     for r, n in zip(busy, (10, 4, 10, 7, 10, 3, 10)):
         r.sampling = gen.Sampling(max_new_tokens=n)

@@ -121,12 +121,12 @@ def test_prompt_plus_max_tokens_never_exceeds_the_context(loaded):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_concurrent_mixed_requests_equal_serial_answers(precision, loaded, memorised_adapter):
     """8-32 clients, base and adapter mixed, bad requests among them: every good answer equals its serial answer
-    (bit for bit in bf16 and int8, where this CPU's matmuls treat rows alike; fp32 has no such guarantee)."""
-    from phitune.rows import exact_rows
+    (bit for bit wherever this CPU's matmuls treat rows alike: rows.exact_rows)."""
+    from test_rows import exact_here
     if precision != "fp32":
-        if exact_rows(precision) is None or exact_rows("bf16") is None:  # int8 models keep bf16 LoRA weights
-            pytest.skip(f"this CPU's {precision} matmul gives a row different bits in different batches")
         loaded = gen.load([f"tuned={memorised_adapter}"], precision=precision)
+    if not exact_here(loaded):
+        pytest.skip(f"this CPU's {precision} matmul gives a row different bits in different batches")
     prompts = ["Say the code for red", "Say the code for blue", "one two three", "Say the code for gold"]
     bodies = [{"model": m, "temperature": 0, "max_tokens": 16, "messages": [{"role": "user", "content": p}]}
               for p in prompts for m in ("base", "tuned")]

@@ -125,7 +125,7 @@ def load(adapter_paths: Sequence[str] = (), model: Optional[str] = None, system_
     if int8:
         from phitune.int8 import quantize
         quantize(net, dtype)
-    elif device.type == "cpu" and dtype == torch.bfloat16:
+    elif device.type == "cpu":
         from phitune.packed import pack
         pack(net)
     rows.install_attention(net)

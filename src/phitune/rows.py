@@ -136,13 +136,14 @@ class PadRows(nn.Module):
 
 
 def exact_rows(kind: str) -> Optional[int]:
-    """Fewest rows from which this machine's matmul of `kind` (fp32 | bf16 | int8) gives every row the same
-    bits however many rows there are and wherever the row sits; None where no such number exists. Measured
-    once per process.
+    """Fewest rows from which this machine's matmul of `kind` gives every row the same bits however many rows
+    there are and wherever the row sits; None where no such number exists. Measured once per process.
 
-    Measured on the development machine: int8 (`_weight_int8pack_mm`) from 1 row; bf16 (oneDNN) from 2
-    rows (one row takes a matrix-vector path that sums in another order); fp32 (MKL) never: rows in the
-    last, partial block of 4 are computed by another kernel. A last-bit difference can flip a greedy token."""
+    Kinds: int8 (`_weight_int8pack_mm`), bf16 and fp32 (`F.linear`), packed-bf16 and packed-fp32 (oneDNN
+    with a packed weight, packed.py). On the development machine: int8 from 1 row; bf16 and both packed
+    kinds from 2 rows (one row takes a matrix-vector path that sums in another order); fp32 through MKL
+    never: rows in the last, partial block of 4 are computed by another kernel. A last-bit difference can
+    flip a greedy token."""
     if kind not in _EXACT:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(60, 1536, generator=g)
@@ -151,9 +152,9 @@ def exact_rows(kind: str) -> Optional[int]:
             x, scale = x.bfloat16(), scale.bfloat16()
             f = lambda t: torch.ops.aten._weight_int8pack_mm(t, w, scale)  # noqa: E731
         else:
-            dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+            dtype = torch.float32 if kind.endswith("fp32") else torch.bfloat16
             w, x = (torch.randn(576, 1536, generator=g) / 40).to(dtype), x.to(dtype)
-            f = lambda t: nn.functional.linear(t, w)  # noqa: E731
+            f = _matmul(w) if kind.startswith("packed-") else lambda t: nn.functional.linear(t, w)
         full = f(x)
         _EXACT[kind] = next((k for k in (1, 2, 4) if all(
             torch.equal(f(x[i:i + m]), full[i:i + m]) for m in range(k, 10) for i in range(0, 60 - m + 1, m))), None)
@@ -197,11 +198,14 @@ class RowLoraLinear(nn.Module):
         return y.reshape(*lead, y.shape[-1])
 
 
-def _matmul(weight: torch.Tensor):
-    """x -> x @ weight.T: oneDNN with the weight packed once for bf16 on a CPU (same bits, no per-call
-    reorder: a rank-16 update costs ~3x less), F.linear otherwise."""
+def _packs(weight: torch.Tensor) -> bool:
     from phitune import packed
-    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and packed.available():
+    return weight.device.type == "cpu" and packed.available(weight.dtype)
+
+
+def _matmul(weight: torch.Tensor):
+    """x -> x @ weight.T: oneDNN with the weight packed once on a CPU (packed.py), F.linear elsewhere."""
+    if _packs(weight):
         w = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return lambda x: nn.functional.linear(x, weight)
@@ -222,19 +226,20 @@ class RowLora:
         self.swaps = []  # (parent, attribute, original layer, replacement)
         kinds = set()
         lora_inside = set()
+        on_cpu = next(model.parameters()).device.type == "cpu"
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLayer):
                 lora_inside.update(f"{name}.{n}" for n, _ in module.named_modules() if n)
                 self.swaps.append((name, module, RowLoraLinear(module, names)))
                 kinds.add(_kind(module.get_base_layer()))
-                kinds.add(_kind(next(iter(module.lora_A.values()))))
+                lora = next(iter(module.lora_A.values())).weight
+                kinds.add(("packed-" if _packs(lora) else "") + ("fp32" if lora.dtype == torch.float32 else "bf16"))
             elif isinstance(module, (nn.Linear, Int8Linear, PackedLinear)) and name not in lora_inside:
                 self.swaps.append((name, module, PadRows(module)))
                 kinds.add(_kind(module))
         self.swaps = [(model.get_submodule(n.rpartition(".")[0]) if "." in n else model, n.rpartition(".")[2], old, new)
                       for n, old, new in self.swaps]
         # Measured for this machine's CPU kernels; on a GPU no row count is claimed (and none is padded to).
-        on_cpu = next(model.parameters()).device.type == "cpu"
         rows = [exact_rows(k) for k in kinds] if on_cpu else [None]
         self.exact = None not in rows  # every row's answer is the one it gets alone
         self.min_rows = max([r for r in rows if r] or [1])
@@ -279,5 +284,5 @@ def _kind(layer: nn.Module) -> str:
     if isinstance(layer, Int8Linear):
         return "int8"
     if isinstance(layer, PackedLinear):
-        return "bf16"  # the same oneDNN kernels as F.linear, same bits
+        return "packed-" + ("fp32" if layer.dtype == torch.float32 else "bf16")
     return "fp32" if layer.weight.dtype == torch.float32 else "bf16"
