@@ -192,3 +192,22 @@ def test_unwritable_output_dir_is_refused_before_training(tiny_models, tmp_path,
     assert run_cli("train", "--model", tiny_models["phi"], "--dataset_path", data_file,
                    "--output_dir", blocker / "run") == 2
     assert "output_dir: cannot write to" in capsys.readouterr().err
+
+
+def test_a_nonfinite_last_step_still_ends_the_run_with_its_checkpoint(tiny_models, tmp_path, monkeypatch):
+    """The run's last step is skipped as non-finite: the run still writes the checkpoint its end calls for."""
+    from phitune import train_loop
+    real = train_loop._step_with_retry
+
+    def nan_on_the_last_step(run, micro, weight, split, step_tokens, step):
+        loss, seen, split = real(run, micro, weight, split, step_tokens, step)
+        return (loss * float("nan") if step == 3 else loss), seen, split
+    monkeypatch.setattr(train_loop, "_step_with_retry", nan_on_the_last_step)
+    out = tmp_path / "run"
+    code = run_cli("train", "--model", tiny_models["phi"], "--dataset_path", write_jsonl(tmp_path / "d.jsonl", ROWS),
+                   "--output_dir", out, "--max_steps", 3, "--batch_size", 4, "--gradient_accumulation_steps", 1,
+                   "--val_split", 0)
+    assert code == 0
+    assert (out / "checkpoint-3").is_dir() and (out / "final_adapter").is_dir()
+    weights = load_file(out / "checkpoint-3" / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())

@@ -60,22 +60,23 @@ def fit(run: Run) -> Optional[str]:
                 run.optimizer.zero_grad(set_to_none=True)
                 p.step = step  # the weights now hold this step (or, when skipped, keep their last finite values)
                 rng_after = {step: checkpoints.rng_state()}
+            p.seconds = seconds_before + time.perf_counter() - run_start
+            bar.update(1)
             if not finite:
                 nonfinite += 1
                 run.log(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
                 if nonfinite >= t.max_nonfinite_steps:
                     raise PhituneError(f"{nonfinite} steps in a row had a non-finite loss or gradient; lower "
                                        f"--learning_rate or use --precision fp32. The last good checkpoint is kept")
-                continue
-            nonfinite = 0
-            p.seconds = seconds_before + time.perf_counter() - run_start
-            speed = (p.tokens - tokens_at_start) / max(time.perf_counter() - run_start, 1e-9)
-            bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
-            bar.update(1)
-            if step % t.logging_steps == 0:
-                run.record(step=step, epoch=round(step / run.steps_per_epoch, 4), loss=step_loss.item(), lr=lr,
-                                grad_norm=float(grad_norm), tokens=p.tokens, answer_tokens=p.answer_tokens,
-                                tokens_per_s=speed, seconds=p.seconds)
+            else:
+                nonfinite = 0
+                speed = (p.tokens - tokens_at_start) / max(time.perf_counter() - run_start, 1e-9)
+                bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+                if step % t.logging_steps == 0:
+                    run.record(step=step, epoch=round(step / run.steps_per_epoch, 4), loss=step_loss.item(), lr=lr,
+                               grad_norm=float(grad_norm), tokens=p.tokens, answer_tokens=p.answer_tokens,
+                               tokens_per_s=speed, seconds=p.seconds)
+            # A skipped step still ends its epoch (or the run): validation and the checkpoint happen as planned.
             epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
             if run.val_set and (epoch_end or (t.eval_steps and step % t.eval_steps == 0)):
                 stop_reason = _validate_and_keep_best(run, step)
