@@ -69,6 +69,30 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tiny_models, tmp_path, 
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
 
 
+def test_two_process_resume_continues_each_process_dropout(tiny_models, tmp_path):
+    """Two processes with dropout: resuming from a checkpoint gives the adapter of the uninterrupted run,
+    because each process gets its own RNG state back (not process 0's)."""
+    import shutil
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    common = ["train", "--model", str(tiny_models["llama"]), "--dataset_path", str(data), "--batch_size", "2",
+              "--gradient_accumulation_steps", "1", "--max_steps", "4", "--save_steps", "2", "--max_length", "64",
+              "--lora_r", "4", "--lora_dropout", "0.3", "--learning_rate", "1e-2", "--val_split", "0",
+              "--gradient_checkpointing", "false", "--num_processes", "2"]
+
+    def train(out, *extra):
+        done = subprocess.run([sys.executable, "-m", "phitune", *common, "--output_dir", str(out), *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    train(reference)
+    resumed.mkdir()
+    shutil.copytree(reference / "checkpoint-2", resumed / "checkpoint-2")
+    train(resumed, "--resume")
+    want, got = adapter(reference), adapter(resumed)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+
+
 def test_logged_lr_is_the_rate_each_step_used(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     out = tmp_path / "run"

@@ -89,8 +89,11 @@ def latest(output_dir: str | Path) -> Path | None:
 
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
-    """Restore a checkpoint into model/optimizer/scheduler; returns the saved loop state."""
+         scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0) -> dict[str, Any]:
+    """Restore a checkpoint into model/optimizer/scheduler; returns the saved loop state.
+
+    Each process gets back its own RNG state (`rng.pt` holds one per process under "ranks"; checkpoints
+    without it have only process 0's, which every process then takes)."""
     path = Path(path)
     try:
         weights = load_file(path / "adapter_model.safetensors")
@@ -105,6 +108,8 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     if getattr(result, "unexpected_keys", None):
         raise PhituneError(f"{path}: checkpoint does not fit this model/LoRA configuration "
                            f"(unexpected {result.unexpected_keys[:3]}); resume with the same settings")
+    ranks = rng.get("ranks") or [rng]
+    rng = ranks[rank] if rank < len(ranks) else ranks[0]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -197,6 +197,9 @@ def _validate_and_keep_best(run, step):
 
 def _save(run, step, rng):
     run.accelerator.wait_for_everyone()
+    if run.accelerator.num_processes > 1:  # every process's dropout stream, so --resume continues each one
+        from accelerate.utils import gather_object
+        rng = {**(rng or checkpoints.rng_state()), "ranks": gather_object([rng or checkpoints.rng_state()])}
     if run.accelerator.is_main_process:
         try:
             checkpoints.save(run.out, step, run.model, run.optimizer, run.scheduler, run.progress.to_dict(),

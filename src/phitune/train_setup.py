@@ -175,7 +175,7 @@ def setup(cfg: RunConfig) -> Run:
     # ---- resume
     ckpt = checkpoints.latest(out) if t.resume else None
     if ckpt is not None:
-        saved = checkpoints.load(ckpt, model, optimizer, scheduler)
+        saved = checkpoints.load(ckpt, model, optimizer, scheduler, rank=accelerator.process_index)
         run.progress = Progress(**{k: v for k, v in saved.items() if k in Progress.__dataclass_fields__})
         run.log(f"resuming from {ckpt} (step {run.progress.step} of {total_steps})")
     elif t.resume:
