@@ -61,6 +61,9 @@ def test_generation_gives_peft_its_layers_back_for_a_loss(tiny_models, two_adapt
                                for q in QUESTIONS[:2] for c in (None, "a", "b")])
     ids = torch.tensor([loaded.template.encode_prompt([{"role": "user", "content": QUESTIONS[0]}])])
     fresh_base = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    fresh_a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), a).eval()
+    with torch.no_grad():  # straight after generation, without use(): the model is PEFT's, adapter a active
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, fresh_a(input_ids=ids).logits)
     fresh_b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), b).eval()
     with torch.no_grad():
         with loaded.use("b"):
@@ -137,3 +140,72 @@ def test_packed_bf16_layers_give_the_same_answers(tiny_models, monkeypatch):
         assert not any(isinstance(m, packed.PackedLinear) for m in plain.model.modules())
         assert [a.text for a in gen.generate(fast, convs, sampling)] == [a.text for a in gen.generate(plain, convs,
                                                                                                       sampling)]
+
+
+def test_modules_to_save_adapters_keep_the_base_apart(tiny_models, tmp_path):
+    """An adapter that replaces a whole module (modules_to_save) is served by PEFT's own paths: base rows
+    never get the adapter's copy."""
+    from peft import LoraConfig, get_peft_model
+
+    from phitune import adapters as adapters_io
+    from phitune.models import load_tokenizer
+    from phitune.templates import Template
+    from test_engine import plain
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["phi"]),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                      modules_to_save=["lm_head"], init_lora_weights=False))
+    for name, p in model.named_parameters():
+        if "modules_to_save" in name:
+            p.data.normal_(0, 0.5)
+    tok = load_tokenizer(str(tiny_models["phi"]))
+    adapters_io.save_adapter(model, tok, tmp_path / "m", {"base": {"model": str(tiny_models["phi"]),
+                                                                    "model_type": "phi"},
+                                                           "template": Template(tok).to_meta()})
+    loaded = gen.load([f"m={tmp_path / 'm'}"], precision="fp32")
+    ids = loaded.template_for(None).encode_prompt([{"role": "user", "content": QUESTIONS[1]}])
+    base, tuned = (loaded.request(ids, a, gen.Sampling(max_new_tokens=8), stop_ids=[]) for a in (None, "m"))
+    Engine(loaded).run([base, tuned], batch_size=2)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_models["phi"]).eval()
+    fresh_m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["phi"]), tmp_path / "m").eval()
+    with torch.no_grad():
+        assert base.tokens == plain(fresh, ids, [], loaded.tokenizer.pad_token_id, 8)
+        assert tuned.tokens == plain(fresh_m, ids, [], loaded.tokenizer.pad_token_id, 8)
+    # The server takes such requests one model at a time instead of failing PEFT's mixed batch.
+    import time
+
+    from phitune.scheduler import Scheduler
+    scheduler = Scheduler(Engine(loaded), max_batch=4)
+    served = [loaded.request(ids, a, gen.Sampling(max_new_tokens=8), stop_ids=[]) for a in (None, "m", None, "m")]
+    for r in served:
+        scheduler.submit(r)
+    deadline = time.time() + 60
+    while not all(r.done for r in served) and time.time() < deadline:
+        time.sleep(0.01)
+    scheduler.close()
+    assert [r.finish_reason for r in served] == ["length"] * 4
+    assert [r.tokens for r in served] == [base.tokens, tuned.tokens] * 2
+
+
+def test_lora_rows_of_a_layer_fed_flattened_tokens(tiny_models, two_adapters):  # noqa: F811
+    """Some models flatten (batch, tokens) before a projection (Qwen2-MoE's shared expert): each row still
+    gets its own adapter's update."""
+    from phitune import rows
+    from phitune.rows import RowLora, RowLoraLinear
+    a, b = two_adapters["llama"]
+    loaded = gen.load([f"a={a}", f"b={b}"], precision="fp32")
+    swaps = RowLora(loaded.model, ["a", "b"]).swaps
+    _, _, peft_layer, mine = next(s for s in swaps if isinstance(s[3], RowLoraLinear))
+    x = torch.randn(3, 5, mine.base_layer.in_features)
+    with torch.no_grad(), rows.batch([0, 0, 0], ["b", None, "a"]):
+        flat = mine(x.reshape(15, -1)).reshape(3, 5, -1)
+        shaped = mine(x)
+    torch.testing.assert_close(flat, shaped)
+    with torch.no_grad():
+        for row, name in enumerate(["b", None, "a"]):
+            if name is None:
+                want = peft_layer.get_base_layer()(x[row])
+            else:
+                peft_layer.set_adapter(name)
+                want = peft_layer(x[row])
+            torch.testing.assert_close(shaped[row], want, rtol=1e-5, atol=1e-5)

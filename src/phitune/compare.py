@@ -194,7 +194,11 @@ def peak_memory_mib(device: object = None) -> float:
 
 
 def _memory_line(loaded):
-    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20
+    import torch
+    tensors = list(loaded.model.parameters()) + [t for m in loaded.model.modules()  # packed and int8 weights
+                                                  for t in (getattr(m, "packed", None), getattr(m, "qweight", None))
+                                                  if isinstance(t, torch.Tensor)]
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values()) / 2**20
     return f"memory: peak {peak_memory_mib(loaded.device):.0f} MiB; model weights {weights:.0f} MiB (one base copy)"
 
 

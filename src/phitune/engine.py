@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -141,13 +141,30 @@ class Engine:
 
         Requests of every model share batches, taken shortest prompt first (less padding, and short
         answers leave room early)."""
-        pending = sorted(requests, key=lambda r: len(r.prompt_ids), reverse=True)
+        pending = sorted(requests, key=lambda r: len(r.prompt_ids))
         while pending or self.rows:
             room = batch_size - len(self.rows)
             if room > 0 and pending:
-                self.add([pending.pop() for _ in range(min(room, len(pending)))])
+                joining = self.joinable(pending, room)
+                taken = {id(r) for r in joining}
+                pending = [r for r in pending if id(r) not in taken]
+                self.add(joining)
             self.step()
         return requests
+
+    @property
+    def mixes_models(self) -> bool:
+        """Rows of different models may share a batch (stacked adapters). False where only PEFT's own
+        one-adapter-at-a-time paths can run the adapters (modules_to_save, DoRA, LoRA biases...)."""
+        return not self.peft or self._rows() is not None
+
+    def joinable(self, waiting: Sequence[Request], room: int) -> list:
+        """The first `room` of `waiting` that may join the running batch now: any of them where models
+        share batches, else only those of the running model (of the first waiting one when idle)."""
+        if self.mixes_models:
+            return list(waiting[:room])
+        model = self.rows[0].adapter if self.rows else waiting[0].adapter if waiting else None
+        return [r for r in waiting if r.adapter == model][:room]
 
     @torch.no_grad()
     def add(self, requests: list) -> None:
@@ -261,6 +278,7 @@ class Engine:
             return
         if not keep:
             self.rows, self.cache, self.mask, self.next_ids = [], None, None, None
+            self.release()  # between batches the model is PEFT's again: model(...) and set_adapter as usual
             return
         index = torch.tensor(keep)
         self.mask = self.mask[index]
@@ -284,6 +302,7 @@ class Engine:
                 r.error = error
                 _finish(r, "error")
         self.rows, self.cache, self.mask, self.next_ids = [], None, None, None
+        self.release()
 
     def _accept(self, rows, logits, offset):
         """Choose each row's next token from its logits; record text, stops and limits."""

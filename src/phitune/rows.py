@@ -46,7 +46,8 @@ class Batch:
     def mask(self, layer: RowLoraLinear, lead: torch.Size, rows: int) -> torch.Tensor:
         """(rows, columns): 1 where a column belongs to the adapter of the row's batch row, 0 for fill rows.
 
-        `lead` is the (batch, tokens) shape the rows were flattened from. Shared by same-layout layers."""
+        `lead` is the shape the rows were flattened from: (batch, tokens), or (batch * tokens,) where a
+        model flattens them itself (Qwen2-MoE's shared expert). Shared by same-layout layers."""
         key = (layer.layout, tuple(lead), rows)
         m = self._masks.get(key)
         if m is None:
@@ -54,7 +55,10 @@ class Batch:
             for i, name in enumerate(self.adapters):
                 if name in layer.cols:
                     m[i, 0, layer.cols[name]] = 1
-            m = m.expand(*lead, m.shape[-1]).reshape(-1, m.shape[-1])
+            n, batch = lead.numel(), len(self.adapters)
+            if n % batch:
+                raise RuntimeError(f"a LoRA layer got {n} rows for a batch of {batch}")
+            m = m.expand(batch, n // batch, m.shape[-1]).reshape(-1, m.shape[-1])  # rows are batch-major
             m = torch.cat([m, m.new_zeros(rows - len(m), m.shape[-1])])
             m = self._masks[key] = m.to(layer.a.device)
         return m
@@ -125,10 +129,11 @@ class PadRows(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
+        self.lead = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = current()
-        lead = x.shape[:-1]
+        self.lead = lead = x.shape[:-1]  # top_logits reads it: which of the flattened rows are last positions
         x = x.reshape(-1, x.shape[-1])
         n = len(x)
         y = self.inner(_fill_to(x, b.min_rows) if b is not None else x)
@@ -253,7 +258,13 @@ class RowLora:
 
         from phitune.int8 import Int8Linear
         from phitune.packed import PackedLinear
+        try:
+            from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save, trainable tokens
+        except ImportError:
+            AuxiliaryTrainingWrapper = ()
         for module in peft_model.modules():
+            if AuxiliaryTrainingWrapper and isinstance(module, AuxiliaryTrainingWrapper):
+                return False  # a whole module replaced per adapter: PEFT's own paths pick the right copy
             if not isinstance(module, LoraLayer):
                 continue
             if not isinstance(module, LoraLinear) or getattr(module, "lora_variant", None) or \

@@ -54,7 +54,9 @@ class Scheduler:
                     self._waiting.clear()
                     return
                 room = self.max_batch - len(self.engine.rows)
-                joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                joining = self.engine.joinable(list(self._waiting), room) if room > 0 else []
+                for r in joining:
+                    self._waiting.remove(r)
             try:
                 if joining:
                     self.engine.add(joining)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from phitune import rows
 from phitune.int8 import Int8Linear
 from phitune.packed import PackedLinear
 
@@ -24,6 +25,7 @@ class TopLogits:
 
     def __init__(self, model: nn.Module):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.base = base
         self.head = base.get_output_embeddings()
         config = base.config
         scaled = any(getattr(config, name, None) not in (None, 1.0)
@@ -37,21 +39,34 @@ class TopLogits:
             self.head.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
-        self.hidden = inputs[0]
+        if rows.current() is not None:  # engine forwards only: a loss batch's hidden states are not kept
+            self.hidden = inputs[0]
 
     def refine(self, logits: torch.Tensor) -> torch.Tensor:
         """(rows, vocab) fp32 logits of the last position -> the same with the near-best ones exact."""
         if not self.active or self.hidden is None:
             return logits
-        # (rows, positions, h), or (rows + fill rows, h) from rows.PadRows
-        hidden = self.hidden[:, -1] if self.hidden.dim() == 3 else self.hidden[:len(logits)]
-        self.hidden = None
+        hidden, self.hidden = self._last_positions(self.hidden), None
+        if hidden is None or len(hidden) != len(logits):
+            return logits
         best = logits.max(-1, keepdim=True).values
         near = logits >= best - best.abs() * 2 ** -5 - 1e-6  # four bf16 steps below the best
         for row in torch.nonzero(near.sum(-1) > 1).flatten().tolist():
             ids = torch.nonzero(near[row]).flatten()
             logits[row, ids] = self._exact(hidden[row], ids)
         return logits
+
+    def _last_positions(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """(rows, h) head inputs of each row's last position; None when that cannot be told."""
+        if hidden.dim() == 3:
+            return hidden[:, -1]
+        outer = self.base.get_output_embeddings()  # rows.PadRows while the engine's layers are in
+        lead = getattr(outer, "lead", None)
+        if hidden.dim() != 2 or lead is None or len(lead) not in (1, 2):
+            return None
+        if len(lead) == 1:
+            return hidden[:lead[0]]
+        return hidden[:lead.numel()].reshape(*lead, hidden.shape[-1])[:, -1]
 
     def _exact(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         head = self.head
