@@ -49,16 +49,11 @@ class Int8Linear(nn.Module):
 def quantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Replace every frozen nn.Linear (LoRA layers' base weights included, their A and B not) by Int8Linear.
 
-    Returns how many were replaced. The model is marked so the engine never tries to merge into it."""
+    Returns how many were replaced."""
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and "lora_" not in name]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8Linear(module, dtype))
-    model._phitune_int8 = True
     return len(targets)
-
-
-def is_int8(model: nn.Module) -> bool:
-    return bool(getattr(model, "_phitune_int8", False))
