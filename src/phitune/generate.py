@@ -107,8 +107,7 @@ def load(adapter_paths: Sequence[str] = (), model: Optional[str] = None, system_
     int8 = precision == "int8"
     if int8 and device.type != "cpu":
         raise models.PhituneError(f"precision: int8 is a CPU decoding path; on {device.type} use bf16 or fp32")
-    dtype = models.inference_dtype(device, "bf16" if int8 and device.type == "cpu" else
-                                   "auto" if int8 else precision, config.model_type)
+    dtype = models.inference_dtype(device, "bf16" if int8 else precision, config.model_type)
     tokenizer = models.load_tokenizer(base_name, trust_remote_code)
     templates = {None: Template(tokenizer, "auto", system_prompt)}
     for name, meta in metas.items():

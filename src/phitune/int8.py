@@ -34,10 +34,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)
-        if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
-        else:  # the same numbers through a plain matmul where the fused kernel is CPU-only
-            y = nn.functional.linear(x2, self.qweight.to(x2.dtype)) * self.scale
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)  # CPU only: load() refuses others
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
@@ -53,7 +50,5 @@ def quantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and "lora_" not in name]
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(module, dtype))
+        model.set_submodule(name, Int8Linear(module, dtype))
     return len(targets)

@@ -70,7 +70,5 @@ def pack(model: nn.Module) -> int:
                if type(module) is nn.Linear and "lora_" not in name and module.weight.device.type == "cpu"
                and available(module.weight.dtype)]
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(module, keep_weight=module is head))
+        model.set_submodule(name, PackedLinear(module, keep_weight=module is head))
     return len(targets)
