@@ -33,7 +33,8 @@ test: setup llamacpp browser lint
 	$(PY) -m pytest -q -ra
 
 lint: setup
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench tools
+	$(PY) tools/check_layout.py
 
 test-fast: setup llamacpp browser
 	$(PY) -m pytest -q -m "not slow"

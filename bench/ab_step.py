@@ -18,7 +18,8 @@ import random
 import sys
 import time
 
-from phitune import data, models
+from phitune.data import records as data
+from phitune.models import loading as models
 from profile_step import MODEL, build, e2e_examples, train_step
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def cpu_name():
-    from phitune.models import cpu_has_fast_bf16
+    from phitune.models.loading import cpu_has_fast_bf16
     name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                 platform.processor())
     kind = "native bf16: AVX512-BF16 or AMX" if cpu_has_fast_bf16() else "no native bf16"
@@ -69,7 +69,7 @@ def single_stream(model_dir, adapter, convs, n_new):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from phitune import generate as gen
+    from phitune.generation import load as gen
     chats = {"phitune": gen.load([adapter], precision="auto", merge=True),  # what `phitune chat` runs
              "phitune_int8": gen.load([adapter], precision="int8", merge=True)}  # `phitune chat --precision int8`
     fast = chats["phitune"]
@@ -124,7 +124,7 @@ def llamacpp(gguf, prompts_ids, n_new, threads):
 
 
 def compare_batching(model_dir, adapters, convs, n_new, precision):
-    from phitune import generate as gen
+    from phitune.generation import load as gen
     loaded = gen.load([f"a={adapters[0]}", f"b={adapters[1]}"], precision=precision)
     sampling = gen.Sampling(max_new_tokens=n_new)
     columns = [None, "a", "b"]
@@ -208,7 +208,7 @@ def main():
     ap.add_argument("--precision", default="auto", help="weights for the compare and serve parts")
     ap.add_argument("--skip", nargs="*", default=[], choices=["single", "llamacpp", "compare", "serve"])
     args = ap.parse_args()
-    from phitune.models import _find_demo_gguf, provision_demo
+    from phitune.models.loading import _find_demo_gguf, provision_demo
     model_dir = str(provision_demo())
     convs = questions(args.questions)
     result = {"cpu": cpu_name(), "torch": torch.__version__, "max_new_tokens": args.max_new_tokens,

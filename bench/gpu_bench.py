@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from phitune import adapters  # noqa: E402
 from phitune.config import LoraArgs  # noqa: E402
-from phitune.loss import AnswerLoss  # noqa: E402
+from phitune.models import adapters  # noqa: E402
+from phitune.training.loss import AnswerLoss  # noqa: E402
 
 CONFIGS = {
     "phi-2": ("PhiConfig", dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
@@ -90,7 +90,7 @@ def checkpointing_choices(name, batch, seq):
     """What --gradient_checkpointing auto picks for this case on this GPU and on 16 / 24 GB ones."""
     import transformers
 
-    from phitune import backends, memory
+    from phitune.hardware import backends, memory
     cls_name, kw = CONFIGS[name]
     shape = memory.model_shape(getattr(transformers, cls_name)(**kw))
     need = memory.estimate_memory(shape, LoraArgs(lora_r=16), batch, seq, False, torch.bfloat16, torch.bfloat16,
@@ -107,7 +107,7 @@ def decode_case(name, new_tokens=64, rows=8):
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from phitune.engine import Engine, Request, Sampling
+    from phitune.generation.engine import Engine, Request, Sampling
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import build_tokenizer
     cls_name, kw = CONFIGS[name]

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from phitune import adapters, data, models
 from phitune.config import LoraArgs
-from phitune.cpu_attention import use_cpu_attention
-from phitune.cpu_lora import use_fused_lora
-from phitune.loss import AnswerLoss
-from phitune.templates import Template
+from phitune.data import records as data
+from phitune.data.templates import Template
+from phitune.hardware.cpu_attention import use_cpu_attention
+from phitune.hardware.cpu_lora import use_fused_lora
+from phitune.models import adapters
+from phitune.models import loading as models
+from phitune.training.loss import AnswerLoss
 
 # The E2E dev set sits in shared/ beside the checkout (or beside the folder of worktrees); E2E_CSV overrides.
 DATA = Path(os.environ.get("E2E_CSV") or next(

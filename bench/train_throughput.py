@@ -50,7 +50,7 @@ def rss_peak_mib():
 
 def cpu_kind():
     """The CPU's name, its bf16-related flags, and the kind phitune's precision policy sees."""
-    from phitune.models import cpu_has_fast_bf16
+    from phitune.models.loading import cpu_has_fast_bf16
     try:
         info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
@@ -64,7 +64,7 @@ def cpu_kind():
 
 
 def compute_bf16(precision):
-    from phitune.models import cpu_has_fast_bf16
+    from phitune.models.loading import cpu_has_fast_bf16
     return precision == "bf16" or (precision == "auto" and cpu_has_fast_bf16())
 
 
@@ -104,7 +104,7 @@ def trainer_run(kind, steps, bf16=True):
     from peft import LoraConfig, get_peft_model
     from transformers import TrainerCallback
 
-    from phitune import models
+    from phitune.models import loading as models
 
     path = models.provision_demo()
     tok = models.load_tokenizer(MODEL)
@@ -239,7 +239,7 @@ def flops_per_token(mean_len):
     """4N + 6 L T d (the issue's LoRA estimate): N = matmul parameters including the LM head."""
     from transformers import AutoConfig
 
-    from phitune import models
+    from phitune.models import loading as models
     cfg = AutoConfig.from_pretrained(models.provision_demo())
     d, L, f, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
     kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
@@ -291,7 +291,7 @@ def main():
         print(json.dumps(results[system]), file=sys.stderr, flush=True)
     bf16 = compute_bf16(args.precision)
     peak = matmul_peak("bfloat16" if bf16 else "float32")
-    from phitune import models
+    from phitune.models import loading as models
     tok = models.load_tokenizer(MODEL)
     chats = [tok.apply_chat_template([{"role": "user", "content": mr}, {"role": "assistant", "content": ref}],
                                      tokenize=False) for mr, ref in pairs()]

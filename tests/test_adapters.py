@@ -3,9 +3,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from phitune import adapters
 from phitune.config import LoraArgs
 from phitune.errors import PhituneError
+from phitune.models import adapters
 
 # (in, out) of each adapted module for the tiny models: hidden 32, MLP 64, 4 heads of 8
 SHAPES = {

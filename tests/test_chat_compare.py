@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import MEMORISE, ROOT, run_cli
-from phitune import generate as gen
 from phitune.compare import read_questions, run_batch
 from phitune.errors import PhituneError
-from phitune.models import prepare_tokenizer
+from phitune.generation import load as gen
+from phitune.models.loading import prepare_tokenizer
 
 PHITUNE = [sys.executable, "-m", "phitune"]
 

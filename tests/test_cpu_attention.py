@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from phitune.cpu_attention import use_cpu_attention
+from phitune.hardware.cpu_attention import use_cpu_attention
 from tiny import build_config
 
 

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import MEMORISE, run_cli, write_jsonl
-from phitune import adapters
 from phitune.config import LoraArgs
-from phitune.cpu_lora import FastDropout, _LoraLinear, drop_mask, use_fused_lora
+from phitune.hardware.cpu_lora import FastDropout, _LoraLinear, drop_mask, use_fused_lora
+from phitune.models import adapters
 from tiny import build_config
 
 FP32 = torch.float32

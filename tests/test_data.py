@@ -2,10 +2,10 @@
 import pytest
 
 from conftest import write_jsonl
-from phitune import data
+from phitune.data import records as data
+from phitune.data.templates import Template
 from phitune.errors import DataError
-from phitune.models import prepare_tokenizer
-from phitune.templates import Template
+from phitune.models.loading import prepare_tokenizer
 from tiny import build_tokenizer
 
 

@@ -20,7 +20,7 @@ def test_demo_model_trains_and_generates(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
 
-    from phitune import generate as gen
+    from phitune.generation import load as gen
     loaded = gen.load([out / "final_adapter"])
     prompts = [[{"role": "user", "content": "What is the capital of France?"}]]
     base, tuned = (gen.generate(loaded, prompts, gen.Sampling(max_new_tokens=24), adapter=a)[0]
@@ -57,9 +57,9 @@ def test_demo_model_batched_answers_equal_plain_generate(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from phitune import generate as gen
-    from phitune.engine import Engine
-    from phitune.models import provision_demo
+    from phitune.generation import load as gen
+    from phitune.generation.engine import Engine
+    from phitune.models.loading import provision_demo
     from test_engine import plain, random_adapter
     model_dir = provision_demo()
     adapter = random_adapter(model_dir, tmp_path / "a", 1, "llama")

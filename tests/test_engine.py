@@ -9,11 +9,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from conftest import MEMORISE
-from phitune import adapters
-from phitune import generate as gen
-from phitune.engine import Engine, TextStream
-from phitune.models import load_tokenizer
-from phitune.templates import Template
+from phitune.data.templates import Template
+from phitune.generation import load as gen
+from phitune.generation.engine import Engine, TextStream
+from phitune.models import adapters
+from phitune.models.loading import load_tokenizer
 
 QUESTIONS = ["Say the code for red", "What is the capital of France?", "one two three", "The quick brown fox",
              "Translate to French: good morning."]
@@ -154,7 +154,7 @@ def test_cancel_frees_the_row_within_one_step(tiny_models):
 @pytest.mark.parametrize("arch", ["phi", "phi3", "llama"])
 def test_rows_of_different_models_in_one_batch_equal_each_model_alone(arch, tiny_models, two_adapters):
     """A batch that mixes base, a and b rows (the server's case) gives each row its own model's answer."""
-    from phitune.rows import RowLora
+    from phitune.generation.rows import RowLora
     a, b = two_adapters[arch]
     loaded = gen.load([f"a={a}", f"b={b}"], precision="fp32")
     assert RowLora.supports(loaded.model)
@@ -175,7 +175,7 @@ def test_rows_of_different_models_in_one_batch_equal_each_model_alone(arch, tiny
 def test_closing_the_scheduler_ends_rows_in_flight_and_waiting(tiny_models):
     import time
 
-    from phitune.scheduler import Scheduler
+    from phitune.generation.scheduler import Scheduler
     loaded = gen.load(model=str(tiny_models["llama"]), precision="fp32")
     scheduler = Scheduler(Engine(loaded), max_batch=1)
     ids = loaded.template.encode_prompt([{"role": "user", "content": "hi"}])

@@ -48,7 +48,7 @@ def test_merge_loads_in_plain_transformers_and_matches(tiny_models, tmp_path, ar
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     tok = AutoTokenizer.from_pretrained(merged)
     assert not any("lora" in n for n, _ in model.named_parameters())
-    from phitune import generate as gen
+    from phitune.generation import load as gen
     loaded = gen.load([run / "final_adapter"], precision="fp32")
     ids = torch.tensor([loaded.template.encode_prompt([{"role": "user", "content": MEMORISE[1]["prompt"]}])])
     with torch.no_grad(), loaded.use(loaded.first_adapter):

@@ -50,8 +50,8 @@ def _train(base, out, steps=6, extra=()):
 @pytest.fixture(scope="session")
 def exported(tiny_models, tmp_path_factory):
     """Per architecture: a trained adapter, its merged model, and one GGUF file per out type."""
-    from phitune.export import write_gguf
-    from phitune.merge import merge_adapter
+    from phitune.exporting.gguf_file import write_gguf
+    from phitune.exporting.merge import merge_adapter
     out = {}
     for arch in ARCHS:
         base = tmp_path_factory.mktemp(f"export-{arch}")
@@ -191,8 +191,8 @@ def test_memorised_adapter_answers_and_stops_in_llamacpp(memorised_adapter, llam
     """The exported fine-tune gives the trained answers in llama.cpp and ends them by itself."""
     out = tmp_path / "mem.gguf"
     assert run_cli("export", "--adapter_path", memorised_adapter, "--output", out, "--outtype", "q8_0") == 0
-    from phitune.models import load_tokenizer
-    from phitune.templates import Template
+    from phitune.data.templates import Template
+    from phitune.models.loading import load_tokenizer
     meta = json.loads((memorised_adapter / "phitune.json").read_text())
     template = Template.from_meta(load_tokenizer(meta["base"]["model"]), meta["template"])
     prompts = [template.encode_prompt([{"role": "user", "content": r["prompt"]}]) for r in MEMORISE]
@@ -272,8 +272,8 @@ def test_unwritable_output_is_refused(exported, tmp_path, capsys, where):
 
 def test_failed_write_leaves_no_partial_file(exported, tmp_path):
     """A failure while writing (here: a tensor the read-back check rejects) leaves neither file nor temp file."""
-    from phitune import export
     from phitune.errors import PhituneError
+    from phitune.exporting import gguf_file as export
     e = exported["phi3"]
     tol = dict(export.READBACK_TOL)
     export.READBACK_TOL["q4_0"] = -1.0  # no q4_0 tensor can pass: the check fails after the data is written
@@ -299,7 +299,7 @@ def test_demo_model_export_answers_like_the_tuned_model(tmp_path, llamacpp):
     gguf_path = tmp_path / "demo.gguf"
     assert run_cli("export", "--adapter_path", out / "final_adapter", "--output", gguf_path,
                    "--outtype", "f16") == 0
-    from phitune.merge import merge_adapter
+    from phitune.exporting.merge import merge_adapter
     merged, tok, template, _, _, _ = merge_adapter(out / "final_adapter")
     ref = _rounded(merged.eval(), torch.float16)
     question = ("Write one sentence describing this restaurant: name[The Eagle], eatType[coffee shop], "
@@ -317,7 +317,7 @@ def test_demo_model_export_answers_like_the_tuned_model(tmp_path, llamacpp):
     assert res["chat"][0]["text"].strip() == tok.decode(want[:-1], skip_special_tokens=True).strip(), res["chat"]
     # q8_0: the same next token as the tuned answer, under teacher forcing, in at least 80% of positions
     # (measured 17 of 19 on an AVX512 CPU: 8-bit rounding flips a few near-ties on a 135M model).
-    from phitune.export import write_gguf
+    from phitune.exporting.gguf_file import write_gguf
     q8 = tmp_path / "demo-q8_0.gguf"
     write_gguf(q8, merged, tok, template, "q8_0")
     seq = ids + want
@@ -332,8 +332,8 @@ def test_phi3_longrope_factors_in_llamacpp(llamacpp, tmp_path):
     import gguf
     from transformers import AutoModelForCausalLM, Phi3Config
 
-    from phitune.export import write_gguf
-    from phitune.templates import Template
+    from phitune.data.templates import Template
+    from phitune.exporting.gguf_file import write_gguf
     from tiny import build_tokenizer
     tok = build_tokenizer("phi3")
     torch.manual_seed(0)
@@ -365,7 +365,7 @@ def test_lora_gguf_on_base_gguf_equals_merged_model(exported, tiny_models, llama
     """--format lora: the adapter alone, applied by llama.cpp to a GGUF of the base, answers like the merge."""
     from transformers import AutoModelForCausalLM
 
-    from phitune.export import write_gguf
+    from phitune.exporting.gguf_file import write_gguf
     e = exported[arch]
     base = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
     write_gguf(tmp_path / "base.gguf", base, e["tok"], e["template"], "f32")
@@ -417,8 +417,8 @@ def test_sentencepiece_style_tokenizer_in_llamacpp(llamacpp, tmp_path):
     """Phi-3.5's kind of tokenizer (byte-fallback BPE over '▁') tokenizes and generates alike in llama.cpp."""
     from transformers import AutoModelForCausalLM
 
-    from phitune.export import write_gguf
-    from phitune.templates import Template
+    from phitune.data.templates import Template
+    from phitune.exporting.gguf_file import write_gguf
     from tiny import build_config
     tok = _sentencepiece_style_tokenizer()
     torch.manual_seed(0)

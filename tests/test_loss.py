@@ -4,9 +4,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from phitune import adapters, loss
 from phitune.config import LoraArgs
-from phitune.data import IGNORE
+from phitune.data.records import IGNORE
+from phitune.models import adapters
+from phitune.training import loss
 from tiny import build_config
 
 
@@ -57,7 +58,7 @@ def _family_configs():
     """Every model family phitune lists, as a tiny config (with Granite's and Cohere-style logit scaling)."""
     import transformers
 
-    from phitune.adapters import FAMILIES, LLAMA_LIKE
+    from phitune.models.adapters import FAMILIES, LLAMA_LIKE
     names = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
              "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "olmo": "OlmoConfig", "olmo2": "Olmo2Config",
              "granite": "GraniteConfig", "smollm3": "SmolLM3Config", "phi": "PhiConfig", "phi3": "Phi3Config"}

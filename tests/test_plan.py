@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, run_cli, write_jsonl
-from phitune import memory, plan
+from phitune import plan
 from phitune.config import LoraArgs
+from phitune.hardware import memory
 from tiny import build_config, build_tokenizer
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -51,7 +52,8 @@ def test_estimates_move_the_way_memory_does():
 
 
 def test_lora_count_is_what_peft_attaches(tiny_models):
-    from phitune import adapters, models
+    from phitune.models import adapters
+    from phitune.models import loading as models
     for arch in ("phi", "phi3", "llama"):
         config = models.load_config(str(tiny_models[arch]))
         shape = memory.model_shape(config)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from conftest import MEMORISE, run_cli, write_jsonl
-from phitune import data
+from phitune.data import records as data
 from phitune.errors import DataError
 
 ROWS = MEMORISE + [{"prompt": f"Question number {i}", "response": f"Answer number {i}."} for i in range(12)]
@@ -72,7 +72,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tiny_models, tmp_path, capsys):
                    1, "--val_split", 0, "--max_nonfinite_steps", 2, "--epochs", 50, "--save_steps", 1)
     err = capsys.readouterr().err
     assert code == 2 and "non-finite loss or gradient" in err and "Traceback" not in err
-    from phitune import checkpoints
+    from phitune.training import checkpoints
     last = checkpoints.complete(out)[-1]
     weights = load_file(last / "adapter_model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())  # the last good checkpoint is intact
@@ -103,7 +103,7 @@ def test_reader_loads_or_raises_its_own_error(tmp_path, rows):
 
 def test_out_of_memory_retries_with_smaller_micro_batches(tiny_models, tmp_path, capsys, monkeypatch):
     """An OOM (injected for micro-batches over 2 rows) is retried with half the micro-batch, same result."""
-    from phitune.loss import AnswerLoss
+    from phitune.training.loss import AnswerLoss
     data_file = write_jsonl(tmp_path / "d.jsonl", ROWS)
     args = ["train", "--model", tiny_models["llama"], "--dataset_path", data_file, "--max_steps", 4, "--batch_size",
             4, "--gradient_accumulation_steps", 1, "--val_split", 0, "--lora_dropout", 0, "--learning_rate", 1e-3,
@@ -141,7 +141,7 @@ def test_ctrl_c_saves_and_prints_the_resume_command(tiny_models, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "--resume" in err and "interrupted at step" in err and "Traceback" not in err
-    from phitune import checkpoints
+    from phitune.training import checkpoints
     assert checkpoints.complete(out), "no checkpoint saved on Ctrl-C"
     result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "resuming from" in result.stderr
@@ -196,7 +196,7 @@ def test_unwritable_output_dir_is_refused_before_training(tiny_models, tmp_path,
 
 def test_a_nonfinite_last_step_still_ends_the_run_with_its_checkpoint(tiny_models, tmp_path, monkeypatch):
     """The run's last step is skipped as non-finite: the run still writes the checkpoint its end calls for."""
-    from phitune import train_loop
+    from phitune.training import loop as train_loop
     real = train_loop._step_with_retry
 
     def nan_on_the_last_step(run, micro, weight, split, step_tokens, step):

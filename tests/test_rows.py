@@ -8,9 +8,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import MEMORISE
-from phitune import generate as gen
-from phitune.engine import Engine
-from phitune.int8 import Int8Linear
+from phitune.generation import load as gen
+from phitune.generation.engine import Engine
+from phitune.generation.int8 import Int8Linear
 from test_chat_compare import PHITUNE
 from test_engine import QUESTIONS, two_adapters  # noqa: F401  (fixture)
 
@@ -122,7 +122,7 @@ def test_cancelled_row_leaves_within_one_step_in_a_shared_batch(tiny_models, two
 
 def test_packed_bf16_layers_give_the_same_answers(tiny_models, monkeypatch):
     """Weights packed once for oneDNN (packed.py) give F.linear's bits: same layer outputs, same answers."""
-    from phitune import packed
+    from phitune.generation import packed
     if not packed.available():
         pytest.skip("this PyTorch build has no oneDNN bf16 linear")
     torch.manual_seed(0)
@@ -147,9 +147,9 @@ def test_modules_to_save_adapters_keep_the_base_apart(tiny_models, tmp_path):
     never get the adapter's copy."""
     from peft import LoraConfig, get_peft_model
 
-    from phitune import adapters as adapters_io
-    from phitune.models import load_tokenizer
-    from phitune.templates import Template
+    from phitune.data.templates import Template
+    from phitune.models import adapters as adapters_io
+    from phitune.models.loading import load_tokenizer
     from test_engine import plain
     torch.manual_seed(3)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["phi"]),
@@ -174,7 +174,7 @@ def test_modules_to_save_adapters_keep_the_base_apart(tiny_models, tmp_path):
     # The server takes such requests one model at a time instead of failing PEFT's mixed batch.
     import time
 
-    from phitune.scheduler import Scheduler
+    from phitune.generation.scheduler import Scheduler
     scheduler = Scheduler(Engine(loaded), max_batch=4)
     served = [loaded.request(ids, a, gen.Sampling(max_new_tokens=8), stop_ids=[]) for a in (None, "m", None, "m")]
     for r in served:
@@ -190,8 +190,8 @@ def test_modules_to_save_adapters_keep_the_base_apart(tiny_models, tmp_path):
 def test_lora_rows_of_a_layer_fed_flattened_tokens(tiny_models, two_adapters):  # noqa: F811
     """Some models flatten (batch, tokens) before a projection (Qwen2-MoE's shared expert): each row still
     gets its own adapter's update."""
-    from phitune import rows
-    from phitune.rows import RowLora, RowLoraLinear
+    from phitune.generation import rows
+    from phitune.generation.rows import RowLora, RowLoraLinear
     a, b = two_adapters["llama"]
     loaded = gen.load([f"a={a}", f"b={b}"], precision="fp32")
     swaps = RowLora(loaded.model, ["a", "b"]).swaps

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from phitune import generate as gen
-from phitune.serve import build_app
+from phitune.generation import load as gen
+from phitune.serving.routes import build_app
 
 KEY = "k"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -5,9 +5,9 @@ import re
 import pytest
 
 from conftest import run_cli
-from phitune import data
+from phitune.data import records as data
+from phitune.data.sources import detect_kind
 from phitune.errors import ConfigError, DataError
-from phitune.sources import detect_kind
 
 PAIRS = [{"question": "What is two plus two?", "answer": "Four."},
          {"question": "Name a colour", "answer": "Blue, or\nperhaps red"},
@@ -169,8 +169,8 @@ def test_train_reads_csv_with_columns(tiny_models, tmp_path):
 
 
 def test_inspect_shows_format_lengths_truncation_and_marked_examples(tiny_models, tmp_path, capsys):
-    from phitune.models import load_tokenizer
-    from phitune.templates import Template
+    from phitune.data.templates import Template
+    from phitune.models.loading import load_tokenizer
     rows = PAIRS + [{"question": "Tell a long story", "answer": " ".join(["one two three four five"] * 20)}]
     path = _parquet(tmp_path / "qa.parquet", rows)
     assert run_cli("data", "inspect", path, "--columns", MAP, "--model", tiny_models["phi3"], "--max_length", 40) == 0

@@ -15,10 +15,10 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer
 
 from conftest import write_jsonl
-from phitune import data
+from phitune.data import records as data
+from phitune.data.templates import Template
 from phitune.errors import DataError, PhituneError
-from phitune.models import prepare_tokenizer
-from phitune.templates import Template
+from phitune.models.loading import prepare_tokenizer
 from tiny import CHATML, CORPUS, build_tokenizer
 
 # Phi-3.5-mini-instruct's chat template (tokenizer_config.json)

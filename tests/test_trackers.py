@@ -7,7 +7,7 @@ import pytest
 from conftest import MEMORISE, run_cli, write_jsonl
 from phitune.config import TrainArgs
 from phitune.errors import ConfigError, PhituneError
-from phitune.trackers import check_installed
+from phitune.training.trackers import check_installed
 
 
 def _scalars(logdir):

@@ -23,7 +23,7 @@ def test_train_writes_adapter_and_every_lora_weight_changes(tiny_models, arch, m
     code = run_cli("train", "--model", tiny_models[arch], "--dataset_path", memorise_file, "--output_dir", out,
                    "--epochs", 3, *FAST, "--lora_dropout", 0.1)
     assert code == 0
-    from phitune.models import cpu_has_fast_bf16
+    from phitune.models.loading import cpu_has_fast_bf16
     if cpu_has_fast_bf16():  # bf16 compute on this CPU: every LoRA layer takes the fused path
         import re
         found = re.search(r"(\d+) of (\d+) LoRA layers on phitune's fused CPU path", capsys.readouterr().err)
@@ -40,8 +40,8 @@ def test_train_writes_adapter_and_every_lora_weight_changes(tiny_models, arch, m
     # LoRA B starts at zero and A at a seeded random init: both must have moved
     from transformers import AutoModelForCausalLM
 
-    from phitune import adapters
     from phitune.config import LoraArgs
+    from phitune.models import adapters
     init, _ = adapters.attach_lora(AutoModelForCausalLM.from_pretrained(tiny_models[arch]), LoraArgs(), seed=42)
     init = {k: v for k, v in init.state_dict().items() if "lora_" in k}
     trained = lora_tensors(final)
@@ -60,7 +60,7 @@ def test_loss_falls_and_tuned_model_stops_by_itself(tiny_models, memorise_file, 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.1 * losses[0], losses
-    from phitune import generate as gen
+    from phitune.generation import load as gen
     loaded = gen.load([out / "final_adapter"])
     answers = gen.generate(loaded, [[{"role": "user", "content": r["prompt"]}] for r in MEMORISE],
                            gen.Sampling(max_new_tokens=40), adapter=loaded.first_adapter)

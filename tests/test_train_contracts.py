@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import MEMORISE, run_cli, write_jsonl
-from phitune import loss
+from phitune.training import loss
 
 ROWS = MEMORISE + [{"prompt": f"Question number {i}", "response": f"Answer number {i}."} for i in range(12)]
 
@@ -129,7 +129,7 @@ def test_auto_checkpointing_follows_the_memory_estimate(tiny_models, tmp_path, c
 
 
 def test_out_of_memory_turns_checkpointing_on_before_splitting(tiny_models, tmp_path, capsys, monkeypatch):
-    from phitune import train_loop
+    from phitune.training import loop as train_loop
     real, calls = train_loop._forward_backward, []
 
     def oom_once(run, *a, **kw):

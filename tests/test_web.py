@@ -130,8 +130,8 @@ def reference_answers(model_dir, adapter_dir, question, n):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from phitune import models
-    from phitune.templates import Template
+    from phitune.data.templates import Template
+    from phitune.models import loading as models
     tok = models.load_tokenizer(str(model_dir))
     meta = json.loads((Path(adapter_dir) / "phitune.json").read_text())
     out = []
@@ -343,8 +343,8 @@ def test_run_dir_flag_adds_a_run_in_progress(memorised_adapter, tmp_path):
 
     from fastapi.testclient import TestClient
 
-    from phitune import generate as gen
-    from phitune.serve import build_app
+    from phitune.generation import load as gen
+    from phitune.serving.routes import build_app
     live = tmp_path / "live-run"
     live.mkdir()
     shutil.copy(memorised_adapter.parent / "metrics.jsonl", live / "metrics.jsonl")
@@ -396,7 +396,7 @@ def test_demo_model_base_and_tuned_side_by_side(browser, tmp_path):
         page.close()
     finally:
         stop_server(proc)
-    from phitune import generate as gen
+    from phitune.generation import load as gen
     conversation = [[{"role": "user", "content": question}]]
     greedy = gen.Sampling(max_new_tokens=24)
     fresh_base = gen.load([], model="smollm2-135m-instruct", precision="fp32")  # no adapter anywhere

@@ -10,15 +10,15 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from phitune import generate as gen
 from phitune.config import add_arguments, settings
 from phitune.config_commands import ChatArgs, ChatSampling, OneModel
 from phitune.errors import PhituneError
+from phitune.generation import load as gen
 
 if TYPE_CHECKING:
     import argparse
 
-    from phitune.engine import Sampling
+    from phitune.generation.engine import Sampling
 
 HELP = """commands:
   /help            this list

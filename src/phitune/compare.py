@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from phitune import generate as gen
 from phitune.config import add_arguments, settings
 from phitune.config_commands import CompareArgs, Models, SamplingArgs
 from phitune.errors import PhituneError
+from phitune.generation import load as gen
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")
 COLOURS = ("\033[36m", "\033[33m", "\033[32m", "\033[35m", "\033[34m")
@@ -97,7 +97,7 @@ def _web(loaded, port):
 
     import uvicorn
 
-    from phitune.serve import build_app
+    from phitune.serving.routes import build_app
     app = build_app(loaded)
     url = f"http://127.0.0.1:{port}/"
     print(f"phitune compare: base and {', '.join(loaded.adapters) or 'no adapter'} side by side at {url} "

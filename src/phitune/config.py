@@ -100,7 +100,7 @@ class DataArgs:
         if not 0 <= self.val_split < 1:
             raise ConfigError("val_split", f"must be in [0, 1), got {self.val_split}")
         if self.columns:
-            from phitune.sources import parse_columns
+            from phitune.data.sources import parse_columns
             parse_columns(self.columns)  # a malformed mapping fails here, before any data is read
         if self.max_length < 8:
             raise ConfigError("max_length", f"must be at least 8 tokens, got {self.max_length}")

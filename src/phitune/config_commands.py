@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from phitune.config import at_least_one, opt
-from phitune.engine import Sampling
 from phitune.errors import ConfigError
-from phitune.gguf_writer import OUTTYPES
+from phitune.exporting.gguf_writer import OUTTYPES
+from phitune.generation.engine import Sampling
 
 PRECISIONS = ("auto", "bf16", "fp32", "fp16", "int8")
 

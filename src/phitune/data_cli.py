@@ -9,9 +9,10 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING
 
-from phitune import data, sources
+from phitune.data import records as data
+from phitune.data import sources
 from phitune.errors import PhituneError
-from phitune.report import summary
+from phitune.training.report import summary
 
 if TYPE_CHECKING:
     import argparse
@@ -51,8 +52,8 @@ def main(args: argparse.Namespace) -> int:
         print("\ncharacters per record (give --model for token lengths under its template)")
         print(histogram(chars))
         return 0
-    from phitune import models
-    from phitune.templates import Template
+    from phitune.data.templates import Template
+    from phitune.models import loading as models
     tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
     template = Template(tokenizer, args.template, args.system_prompt)
     encoded = []

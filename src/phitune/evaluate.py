@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phitune import data
-from phitune import generate as gen
 from phitune.config import add_arguments, settings
 from phitune.config_commands import EvalArgs, Models
+from phitune.data import records as data
 from phitune.errors import PhituneError
-from phitune.loss import AnswerLoss, summed_loss
-from phitune.report import ppl
+from phitune.generation import load as gen
+from phitune.training.loss import AnswerLoss, summed_loss
+from phitune.training.report import ppl
 
 if TYPE_CHECKING:
     import argparse

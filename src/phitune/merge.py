@@ -2,27 +2,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from phitune import adapters, models
-from phitune.checkpoints import atomic_dir
 from phitune.config import add_arguments, settings
 from phitune.config_commands import MergeArgs
 from phitune.errors import PhituneError
+from phitune.exporting.merge import merge_adapter
+from phitune.training.checkpoints import atomic_dir
 
 if TYPE_CHECKING:
     import argparse
-
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from phitune.templates import Template
-
-CHECK_PROMPTS = ["Hello, how are you?", "Write one sentence about the sea.", "1 2 3 4 5"]
-
 
 GROUPS = {"merge": MergeArgs}
 
@@ -30,36 +22,6 @@ GROUPS = {"merge": MergeArgs}
 def add_parser(p: argparse.ArgumentParser) -> None:
     """Add the merge options to the subcommand parser p."""
     add_arguments(p, GROUPS)
-
-
-def merge_adapter(adapter_path: str | Path, model: str | None = None, trust_remote_code: bool = False) -> tuple[
-        PreTrainedModel, PreTrainedTokenizerBase, Template, str, list[list[int]], list[torch.Tensor]]:
-    """Load base + adapter in float32 and fold the adapter in.
-
-    Returns (merged model, tokenizer, template, base name, check prompt ids, base+adapter logits on them):
-    the last two let a caller check whatever it writes against the unmerged model.
-    """
-    meta = adapters.read_adapter_meta(adapter_path)
-    base_name = adapters.base_model_name(adapter_path, meta, model)
-    config = models.load_config(base_name, trust_remote_code)
-    quant = getattr(config, "quantization_config", None)
-    if quant and (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)):
-        raise PhituneError(f"{base_name} is stored quantized ({quant}); merging into quantized weights loses the "
-                           f"adapter's precision. Dequantize it first (save it in bf16/fp32) and pass that with "
-                           f"--model")
-    if meta.get("training", {}).get("quantize"):
-        print("phitune merge: the adapter was trained on a 4/8-bit base; merging into the full-precision base",
-              file=sys.stderr)
-    tokenizer = models.load_tokenizer(base_name, trust_remote_code)
-    from phitune.templates import Template
-    template = Template.from_meta(tokenizer, meta["template"]) if meta.get("template") else Template(tokenizer)
-    base = models.load_model(base_name, torch.float32, trust_remote_code).eval()
-    tuned = adapters.load_adapter(base, adapter_path, meta).eval()
-    ids = [template.encode_prompt([{"role": "user", "content": p}]) for p in CHECK_PROMPTS]
-    with torch.no_grad():
-        before = [tuned(input_ids=torch.tensor([x])).logits for x in ids]
-        merged = tuned.merge_and_unload()
-    return merged, tokenizer, template, base_name, ids, before
 
 
 def main(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@
     phitune plan ... --measure          # also run two real steps of the longest batch: measured peak and time
     phitune plan --table docs/planning.md   # the Phi-2 / Phi-3.5-mini table for common devices
 
-The estimates come from phitune.memory (its docstring has the API the training pre-flight uses):
+The estimates come from phitune.hardware.memory (its docstring has the API the training pre-flight uses):
 estimate_memory(shape, lora, batch_size, seq_len, checkpointing, weights_dtype, compute_dtype, device,
 quantize=None) -> Estimate(total_bytes, parts), fits(estimate, capacity), suggest(...) -> Suggestion(.text).
 Time per epoch: the FLOPs of the epoch's real padded batches (data tokenised with the model's template and
@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from phitune import backends, data, models
 from phitune.config import RunConfig, add_arguments, build_config
+from phitune.data import records as data
 from phitune.errors import PhituneError
-from phitune.memory import (  # noqa: F401
+from phitune.hardware import backends
+from phitune.hardware.memory import (  # noqa: F401
     GIB,
     device_memory,
     estimate_memory,
@@ -32,6 +33,7 @@ from phitune.memory import (  # noqa: F401
     model_shape,
     suggest,
 )
+from phitune.models import loading as models
 
 if TYPE_CHECKING:
     import argparse
@@ -215,7 +217,7 @@ def _data_lengths(cfg):
         return None, 1.0, f"none given: every example taken as --max_length {cfg.data.max_length} tokens", None, None
     records, fmt = data.read_records(cfg.data.dataset_path, cfg.data.dataset_split, cfg.data.columns)
     try:
-        from phitune.templates import Template
+        from phitune.data.templates import Template
         tok = _load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
     except PhituneError:  # offline with a hub id: characters / 4 is a usual English tokens-per-character ratio
         lengths = [max(1, sum(len(m["content"]) for m in r.get("messages", [])) // 4 + len(r.get("text", "")) // 4)
@@ -240,9 +242,9 @@ def measure(cfg: RunConfig, examples: list[dict[str, list[int]]], pad_id: int, c
 
     Returns {"peak_bytes", "step_s", "seq_len", "tokens", "how"}: on CUDA the allocator's peak; on CPU the
     parameters' bytes plus the peak rise of the process's resident memory during the steps."""
-    from phitune import adapters
-    from phitune.loss import AnswerLoss
-    from phitune.train_setup import enable_checkpointing
+    from phitune.models import adapters
+    from phitune.training.loss import AnswerLoss
+    from phitune.training.setup import enable_checkpointing
     device = models.pick_device()
     config = models.load_config(cfg.model.model, cfg.model.trust_remote_code)
     weights_dtype, compute_dtype = models.precision_plan(device, cfg.model.precision, config.model_type)

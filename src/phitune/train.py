@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from phitune.config import RunConfig, add_arguments, build_config
 from phitune.errors import ConfigError
-from phitune.train_loop import fit
-from phitune.train_setup import finish, setup
+from phitune.training.loop import fit
+from phitune.training.setup import finish, setup
 
 if TYPE_CHECKING:
     import argparse

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from phitune import sources
+from phitune.data import sources
+from phitune.data.templates import IGNORE
 from phitune.errors import DataError
 
 if TYPE_CHECKING:
-    from phitune.templates import Template
+    from phitune.data.templates import Template
 
-IGNORE = -100  # label id that the loss skips
 ROLES = ("system", "user", "assistant")
 
 # format name -> keys that identify it (first match wins, so more specific formats come first)

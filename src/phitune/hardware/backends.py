@@ -59,7 +59,7 @@ def apply(model: torch.nn.Module, plan: DevicePlan) -> int:
     """Put `plan` into a PEFT model (attention, LoRA layers); returns how many LoRA layers were fused."""
     fused = 0
     if plan.attention == "phitune_cpu":
-        from phitune.cpu_attention import use_cpu_attention
+        from phitune.hardware.cpu_attention import use_cpu_attention
         try:
             use_cpu_attention(model)
         except (ValueError, KeyError):  # a model (remote code) that accepts only its own implementations
@@ -67,7 +67,7 @@ def apply(model: torch.nn.Module, plan: DevicePlan) -> int:
     if plan.attention == "eager":
         model.set_attn_implementation("eager")
     if plan.device.type == "cpu":
-        from phitune.cpu_lora import use_fused_lora
+        from phitune.hardware.cpu_lora import use_fused_lora
         compute = (plan.autocast_dtype or plan.weights_dtype) if plan.lora_layer == "fused_cpu" else None
         fused = use_fused_lora(model, compute)
     return fused

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from phitune.backends import (
+from phitune.hardware.backends import (
     CPU_ATTENTION_MAX_LEN as CPU_EAGER_MAX_LEN,  # CPU runs this short keep attention probabilities
 )
 
@@ -100,7 +100,7 @@ def lora_targets(shape: ModelShape, lora: LoraArgs | int) -> tuple[list[str], in
     """(short names of one layer's targeted linears, layers with adapters, trainable parameter count)."""
     if isinstance(lora, int):
         return list(shape.layer_linears), shape.layers, lora
-    from phitune import adapters
+    from phitune.models import adapters
     targets = adapters.select_targets(shape.meta_model, lora.target_modules, lora.layers)
     short = list(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))
     n_layers = len({adapters._LAYER_RE.search(f".{t}.").group(1) for t in targets

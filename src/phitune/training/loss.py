@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phitune.data import IGNORE, collate
+from phitune.data.records import IGNORE, collate
 
 if TYPE_CHECKING:
     from peft import PeftModel

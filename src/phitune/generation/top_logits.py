@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from phitune import rows
-from phitune.int8 import Int8Linear
-from phitune.packed import PackedLinear
+from phitune.generation import rows
+from phitune.generation.int8 import Int8Linear
+from phitune.generation.packed import PackedLinear
 
 
 class TopLogits:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import threading
 
-from phitune.engine import Engine, Request
+from phitune.generation.engine import Engine, Request
 
 
 class Busy(Exception):

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from phitune.data import IGNORE
 from phitune.errors import PhituneError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100  # label id that the loss skips
 
 _SENTINEL = "\u2063PHITUNE_ANSWER\u2063"
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from phitune.errors import PhituneError
-from phitune.gguf_writer import LAYER_NAMES, arch_for, permute_for_llamacpp, write_out
+from phitune.exporting.gguf_writer import LAYER_NAMES, arch_for, permute_for_llamacpp, write_out
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

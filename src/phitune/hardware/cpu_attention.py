@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from phitune.cpu_lora import BF16
+from phitune.hardware.cpu_lora import BF16
 
 NAME = "phitune_cpu"
 

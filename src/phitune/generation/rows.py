@@ -204,7 +204,7 @@ class RowLoraLinear(nn.Module):
 
 
 def _packs(weight: torch.Tensor) -> bool:
-    from phitune import packed
+    from phitune.generation import packed
     return weight.device.type == "cpu" and packed.available(weight.dtype)
 
 
@@ -226,8 +226,8 @@ class RowLora:
     def __init__(self, model: nn.Module, names: list):
         from peft.tuners.lora import LoraLayer
 
-        from phitune.int8 import Int8Linear
-        from phitune.packed import PackedLinear
+        from phitune.generation.int8 import Int8Linear
+        from phitune.generation.packed import PackedLinear
         self.swaps = []  # (parent, attribute, original layer, replacement)
         kinds = set()
         lora_inside = set()
@@ -256,8 +256,8 @@ class RowLora:
         from peft.tuners.lora import Linear as LoraLinear
         from peft.tuners.lora import LoraLayer
 
-        from phitune.int8 import Int8Linear
-        from phitune.packed import PackedLinear
+        from phitune.generation.int8 import Int8Linear
+        from phitune.generation.packed import PackedLinear
         try:
             from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save, trainable tokens
         except ImportError:
@@ -290,8 +290,8 @@ class RowLora:
 
 
 def _kind(layer: nn.Module) -> str:
-    from phitune.int8 import Int8Linear
-    from phitune.packed import PackedLinear
+    from phitune.generation.int8 import Int8Linear
+    from phitune.generation.packed import PackedLinear
     if isinstance(layer, Int8Linear):
         return "int8"
     if isinstance(layer, PackedLinear):

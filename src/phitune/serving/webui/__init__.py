@@ -101,7 +101,7 @@ def mount(app: object, loaded: object, check_key: object, run_dirs: tuple | list
     from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
 
-    from phitune import serve_api as api
+    from phitune.serving import schemas as api
 
     runs = run_dirs_of(loaded, run_dirs)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

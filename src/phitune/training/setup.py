@@ -17,13 +17,17 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from phitune import adapters, backends, checkpoints, data, models
 from phitune.config import RunConfig
+from phitune.data import records as data
+from phitune.data.templates import Template
 from phitune.errors import ConfigError, PhituneError
-from phitune.loss import AnswerLoss
-from phitune.report import MetricsLog, summary
-from phitune.templates import Template
-from phitune.trackers import Trackers
+from phitune.hardware import backends
+from phitune.models import adapters
+from phitune.models import loading as models
+from phitune.training import checkpoints
+from phitune.training.loss import AnswerLoss
+from phitune.training.report import MetricsLog, summary
+from phitune.training.trackers import Trackers
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -222,7 +226,7 @@ def finish(run: Run, stop_reason: Optional[str] = None) -> Path:
 
 def _memory_without_checkpointing(model_config, cfg, t, longest, plan):
     """(estimated peak bytes of this run without checkpointing, bytes the device can give), or Nones."""
-    from phitune import memory
+    from phitune.hardware import memory
     try:
         shape = memory.model_shape(model_config)
         need = memory.estimate_memory(shape, cfg.lora, t.batch_size, longest, False, plan.weights_dtype,
@@ -245,7 +249,7 @@ def enable_checkpointing(model: PeftModel) -> None:
 def _preflight(plan, cfg, out, n_trainable, model_config, longest, log):
     """Refuse a run whose checkpoints cannot fit on disk; warn (with a fitting batch) before one whose
     estimated peak memory is beyond what the device has."""
-    from phitune import memory
+    from phitune.hardware import memory
     t = cfg.train
     checkpoint = n_trainable * 4 * 3 + 50 * 2**20  # weights + Adam moments + tokenizer and state
     free = shutil.disk_usage(out).free

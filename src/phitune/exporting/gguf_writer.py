@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import gguf
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-    from phitune.templates import Template
+    from phitune.data.templates import Template
 
 # transformers model_type -> llama.cpp architecture name
 ARCHS = {"llama": "llama", "mistral": "llama", "phi": "phi2", "phi3": "phi3"}

@@ -20,9 +20,9 @@ from typing import Optional
 
 import torch
 
-from phitune import rows
-from phitune.rows import RowLora
-from phitune.top_logits import TopLogits
+from phitune.generation import rows
+from phitune.generation.rows import RowLora
+from phitune.generation.top_logits import TopLogits
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 

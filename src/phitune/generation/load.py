@@ -15,9 +15,11 @@ from typing import Optional
 
 import torch
 
-from phitune import adapters, models, rows
-from phitune.engine import Engine, Request, Sampling
-from phitune.templates import Template
+from phitune.data.templates import Template
+from phitune.generation import rows
+from phitune.generation.engine import Engine, Request, Sampling
+from phitune.models import adapters
+from phitune.models import loading as models
 
 __all__ = ["Sampling", "Answer", "Loaded", "load", "generate", "generate_jobs", "stream", "stream_ids"]
 
@@ -122,10 +124,10 @@ def load(adapter_paths: Sequence[str] = (), model: Optional[str] = None, system_
         names = {}
     net = net.to(device=device, dtype=dtype).eval()
     if int8:
-        from phitune.int8 import quantize
+        from phitune.generation.int8 import quantize
         quantize(net, dtype)
     elif device.type == "cpu":
-        from phitune.packed import pack
+        from phitune.generation.packed import pack
         pack(net)
     rows.install_attention(net)
     loaded = Loaded(net, tokenizer, templates, names, metas, device, base_name, alone=merge)

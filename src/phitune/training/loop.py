@@ -14,11 +14,13 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from phitune import checkpoints, data, models
+from phitune.data import records as data
 from phitune.errors import PhituneError
-from phitune.loss import summed_loss
-from phitune.report import ppl
-from phitune.train_setup import Run, enable_checkpointing
+from phitune.models import loading as models
+from phitune.training import checkpoints
+from phitune.training.loss import summed_loss
+from phitune.training.report import ppl
+from phitune.training.setup import Run, enable_checkpointing
 
 
 def fit(run: Run) -> Optional[str]:

@@ -1,0 +1,219 @@
+"""The OpenAI-compatible HTTP routes of `phitune serve` (and `compare --web`): one FastAPI app over one
+loaded base model and its adapters.
+
+POST /v1/chat/completions and /v1/completions (streaming over server-sent events or not), GET /v1/models.
+Requests are batched together on one generation thread (generation/scheduler.py), base and adapter rows
+in the same batch; a client that disconnects frees its row within one step. Every route but /health and
+the page (/, /static; webui/) needs the key when an api_key is set.
+"""
+import asyncio
+import json
+import threading
+import time
+from typing import Optional
+
+from fastapi import FastAPI, Request
+
+from phitune import __version__
+from phitune.generation import load as gen
+from phitune.generation.engine import Engine
+from phitune.generation.engine import Request as EngineRequest
+from phitune.generation.scheduler import Busy, Scheduler
+from phitune.serving import schemas as api
+
+
+class OpenAIRoutes:
+    """What each route does: parse and check a request, queue it, stream or return its answer."""
+
+    def __init__(self, loaded: gen.Loaded, scheduler: Scheduler, api_key: Optional[str] = None,
+                 max_tokens_limit: int = 1024, max_prompt_tokens: Optional[int] = None,
+                 max_body_bytes: int = 1_000_000):
+        self.loaded, self.scheduler, self.api_key = loaded, scheduler, api_key
+        self.max_tokens_limit, self.max_prompt_tokens, self.max_body_bytes = (max_tokens_limit, max_prompt_tokens,
+                                                                              max_body_bytes)
+        self.models = ["base", *loaded.adapters]
+        self.context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
+        self.created = api.now()
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise api.ApiError(401, "Incorrect or missing API key", code="invalid_api_key")
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused as soon as it passes max_body_bytes (never read whole into memory first)."""
+        too_big = api.ApiError(413, f"request body over {self.max_body_bytes} bytes", code="body_too_large")
+        if int(request.headers.get("content-length") or 0) > self.max_body_bytes:
+            raise too_big
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > self.max_body_bytes:
+                raise too_big
+        return bytes(body)
+
+    async def parse(self, request: Request, cls: type) -> api.Common:
+        from pydantic import ValidationError
+        self.check_key(request)
+        body = await self.read_body(request)
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise api.ApiError(400, "request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise api.ApiError(400, "request body must be a JSON object", code="invalid_json")
+        try:
+            req = cls.model_validate(payload)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(x) for x in first["loc"])
+            raise api.ApiError(400, f"{param}: {first['msg']}", code="invalid_value", param=param) from None
+        if req.model not in self.models and req.model != self.loaded.base_name:
+            raise api.ApiError(404, f"The model '{req.model}' does not exist; available: {', '.join(self.models)}",
+                               code="model_not_found", param="model")
+        if req.max_tokens is not None and req.max_tokens > self.max_tokens_limit:
+            raise api.ApiError(400, f"max_tokens {req.max_tokens} is over this server's limit of "
+                                    f"{self.max_tokens_limit}", code="invalid_value", param="max_tokens")
+        return req
+
+    def adapter_of(self, req: api.Common) -> Optional[str]:
+        return None if req.model in ("base", self.loaded.base_name) else req.model
+
+    def new_request(self, req: api.Common, ids: list) -> EngineRequest:
+        max_tokens = req.max_tokens or min(256, self.max_tokens_limit)
+        limit = self.context - max_tokens
+        if self.max_prompt_tokens is not None:
+            limit = min(self.max_prompt_tokens, limit)
+        if len(ids) > limit:
+            raise api.ApiError(400, f"the prompt is {len(ids)} tokens; this model allows {limit} with max_tokens "
+                                    f"{max_tokens} (context {self.context})", code="context_length_exceeded",
+                               param="messages")
+        sampling = gen.Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                seed=req.seed)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return self.loaded.request(ids, self.adapter_of(req), sampling, stop_strings=stops, cancel=threading.Event())
+
+    @staticmethod
+    async def _cancel_on_disconnect(request: Request, r: EngineRequest) -> None:
+        """A whole (non-streamed) answer has no stream to break: watch the connection instead."""
+        while not r.done:
+            if await request.is_disconnected():
+                r.cancel.set()
+                return
+            await asyncio.sleep(0.25)
+
+    async def respond(self, req: api.Common, ids: list, kind: str, request: Optional[Request] = None) -> object:
+        """Queue the request (a full queue is a 429 before any response starts), then stream or collect it."""
+        from fastapi.responses import StreamingResponse
+        r = self.new_request(req, ids)
+        loop = asyncio.get_running_loop()
+        events = asyncio.Queue()
+        r.on_text = lambda piece: loop.call_soon_threadsafe(events.put_nowait, piece)
+        r.on_done = lambda done: loop.call_soon_threadsafe(events.put_nowait, None)
+        r.started = time.perf_counter()
+        try:
+            self.scheduler.submit(r)
+        except Busy:
+            raise api.ApiError(429, "server busy: too many queued requests, retry later", code="rate_limit_exceeded",
+                               kind="rate_limit_error") from None
+        reply = api.Reply(kind, req.model, self.created)
+
+        async def pieces():
+            try:
+                while (piece := await events.get()) is not None:
+                    yield piece
+            finally:  # also on client disconnect: the row leaves the batch at the next step
+                r.cancel.set()
+
+        if req.stream:
+            async def sse():
+                async for piece in pieces():
+                    yield f"data: {json.dumps(reply.chunk(piece))}\n\n"
+                if r.finish_reason == "error":
+                    body = api.ApiError(500, f"generation failed: {r.error}", kind="server_error").body()
+                    yield f"data: {json.dumps(body)}\n\n"
+                else:
+                    yield f"data: {json.dumps(reply.last_chunk(r.finish_reason, len(ids), len(r.tokens)))}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        watch = asyncio.ensure_future(self._cancel_on_disconnect(request, r)) if request is not None else None
+        try:
+            text = "".join([piece async for piece in pieces()])
+        finally:
+            if watch is not None:
+                watch.cancel()
+        if r.finish_reason == "error":
+            raise api.ApiError(500, f"generation failed: {r.error}", kind="server_error")
+        return reply.whole(text.strip() if kind == "chat" else text, r.finish_reason, len(ids), len(r.tokens))
+
+    async def chat(self, request: Request) -> object:
+        req = await self.parse(request, api.ChatRequest)
+        messages = [m.model_dump() for m in req.messages]
+        if messages[-1]["role"] != "user":
+            raise api.ApiError(400, "the last message must come from the user", param="messages")
+        ids = self.loaded.template_for(self.adapter_of(req)).encode_prompt(messages)
+        return await self.respond(req, ids, "chat", request)
+
+    async def completions(self, request: Request) -> object:
+        req = await self.parse(request, api.CompletionRequest)
+        ids = self.loaded.tokenizer(req.prompt)["input_ids"]
+        if not ids:
+            raise api.ApiError(400, "prompt is empty", param="prompt")
+        return await self.respond(req, ids, "completion", request)
+
+    def model_list(self, request: Request) -> dict:
+        self.check_key(request)
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": self.created,
+                                            "owned_by": "phitune"} for m in self.models]}
+
+
+def build_app(loaded: gen.Loaded, api_key: Optional[str] = None, max_tokens_limit: int = 1024,
+              max_prompt_tokens: Optional[int] = None, max_body_bytes: int = 1_000_000, max_queue: int = 64,
+              max_batch: int = 16, run_dirs: tuple = ()) -> FastAPI:
+    """The FastAPI app: OpenAI routes over one Scheduler (continuous batching on one generation thread)."""
+    from fastapi import FastAPI
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.responses import JSONResponse
+
+    from phitune.serving import webui
+
+    app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None)
+    scheduler = Scheduler(Engine(loaded, own_tokenizer=True), max_batch=max_batch, max_queue=max_queue)
+    app.state.scheduler = scheduler
+    routes = OpenAIRoutes(loaded, scheduler, api_key, max_tokens_limit, max_prompt_tokens, max_body_bytes)
+
+    @app.exception_handler(api.ApiError)
+    async def api_error(request, exc):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(404)
+    async def not_found(request, exc):
+        return JSONResponse(api.ApiError(404, f"unknown endpoint {request.url.path}").body(), status_code=404)
+
+    @app.exception_handler(405)
+    async def not_allowed(request, exc):
+        return JSONResponse(api.ApiError(405, f"method {request.method} not allowed on {request.url.path}").body(),
+                            status_code=405)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "active": scheduler.active}
+
+    @app.get("/openapi.json")
+    async def openapi(request: Request):
+        routes.check_key(request)
+        return get_openapi(title="phitune", version=__version__, routes=app.routes)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        return routes.model_list(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await routes.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await routes.completions(request)
+
+    webui.mount(app, loaded, routes.check_key, run_dirs=run_dirs, max_tokens_limit=max_tokens_limit)
+    return app
