@@ -252,7 +252,8 @@ def measure(cfg: RunConfig, examples: list[dict[str, list[int]]], pad_id: int, c
     longest = sorted(examples, key=lambda e: -len(e["input_ids"]))[:cfg.train.batch_size]
     batch = {k: v.to(device) for k, v in data.collate(longest, pad_id).items()}
     seq_len = batch["input_ids"].shape[1]
-    model = models.load_model(cfg.model.model, weights_dtype, cfg.model.trust_remote_code, quant)
+    model = models.load_model(cfg.model.model, weights_dtype, cfg.model.trust_remote_code, quant,
+                              random_weights_ok=True)
     if quant is None:
         model = model.to(device)
     model.config.use_cache = False

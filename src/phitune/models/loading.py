@@ -208,13 +208,37 @@ def quantization_config(quantize: str | None, device: torch.device) -> BitsAndBy
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def weightless_dir(name: str) -> Path | None:
+    """The directory `name` names when it holds a model config but no weight files (a config-only copy of a
+    model, e.g. to plan before downloading it); None otherwise."""
+    where = Path(name).expanduser()
+    if not (where.is_dir() and (where / "config.json").is_file()):
+        return None
+    weights = [*where.glob("*.safetensors"), *where.glob("*.bin"), *where.glob("*.safetensors.index.json")]
+    return None if weights else where
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
+               quantization: BitsAndBytesConfig | None = None, random_weights_ok: bool = False) -> PreTrainedModel:
     """Load weights from safetensors only (no pickle), in `dtype` (or quantized with a BitsAndBytesConfig).
 
-    name: a --model value; trust_remote_code: allow hub code; quantization: from quantization_config().
+    name: a --model value; trust_remote_code: allow hub code; quantization: from quantization_config();
+    random_weights_ok: a directory with a config and no weights gives a model of that shape with random
+    weights (for measuring memory and speed) instead of an error.
     """
     from transformers import AutoModelForCausalLM
+    bare = weightless_dir(name)
+    if bare is not None:
+        if not random_weights_ok:
+            raise PhituneError(f"{bare} holds a model config but no weight files (*.safetensors): put the "
+                               f"model's weights there, or pass the hub id to download them")
+        config = load_config(name, trust_remote_code)
+        torch.manual_seed(0)
+        with _quiet():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        print(f"phitune: {bare} has no weight files: the model has {config.model_type}'s real shapes with random "
+              f"weights (memory and speed as the real model; its answers mean nothing)", file=sys.stderr)
+        return model
     extra = {"quantization_config": quantization, "device_map": {"": 0}} if quantization is not None else {}
 
     def from_gguf(where: Path) -> PreTrainedModel:
