@@ -14,6 +14,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
+def shared_models():
+    """The folder of real model files (Phi tokenizers and configs, no weights): PHITUNE_SHARED_MODELS when set,
+    else <repository root>/../shared/models (CI clones the repository next to shared/), else /work/shared/models.
+    Missing files fail the run rather than skip it: these tests are what checks the real tokenizers."""
+    if os.environ.get("PHITUNE_SHARED_MODELS"):
+        candidates = [Path(os.environ["PHITUNE_SHARED_MODELS"])]
+    else:
+        candidates = [ROOT.parent / "shared" / "models", Path("/work/shared/models")]
+    for path in candidates:
+        if (path / "phi-2").is_dir() and (path / "phi-3.5-mini-instruct").is_dir():
+            return path
+    pytest.fail(f"the real Phi tokenizer files are missing: no phi-2/ and phi-3.5-mini-instruct/ in "
+                f"{' or '.join(map(str, candidates))}; clone the repository next to shared/ or set "
+                f"PHITUNE_SHARED_MODELS to the folder that holds them", pytrace=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Local model directories of tiny random phi, phi3 and llama models."""
     base = tmp_path_factory.mktemp("models")

@@ -85,8 +85,11 @@ class Template:
 
     def stop_token_ids(self) -> list[int]:
         """Token ids of the stop tokens (end of turn, EOS) that the tokenizer knows, without repeats."""
-        ids = [self.tok.convert_tokens_to_ids(t) for t in self.stop_tokens]
-        return [i for i in dict.fromkeys(ids) if i is not None and i != self.tok.unk_token_id]
+        # An unknown token converts to the unknown id, which is dropped; a token that *is* the unknown token
+        # is kept (Phi-2's <|endoftext|> is its EOS and its unknown token alike).
+        ids = [self.tok.convert_tokens_to_ids(t) for t in self.stop_tokens
+               if t == self.tok.unk_token or self.tok.convert_tokens_to_ids(t) != self.tok.unk_token_id]
+        return [i for i in dict.fromkeys(ids) if i is not None]
 
     # -------------------------------------------------------------- rendering
     def _with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
