@@ -5,6 +5,7 @@ validated in __post_init__ with a message that names the field; flags given on t
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -152,3 +153,16 @@ class ExportArgs:
     model: Optional[str] = opt(None, "base model (default: the one the adapter was trained on)")
     tolerance: float = opt(1e-3, "largest allowed merge logit difference")
     trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code")
+
+
+@dataclass
+class PlanArgs:
+    """`phitune plan`'s own options (the run itself is described by the training options)."""
+    measure: bool = opt(False, "also run two real training steps of the longest batch and print the measured peak "
+                               "memory and step time (needs --dataset_path)")
+    memory_gib: Optional[float] = opt(None, "plan for a device with this much memory, in GiB (default: this one's)")
+    table: Optional[str] = opt(None, "write the Phi-2 / Phi-3.5-mini table for common devices to this file")
+
+    def __post_init__(self) -> None:
+        if self.memory_gib is not None and not (self.memory_gib > 0 and math.isfinite(self.memory_gib)):
+            raise ConfigError("memory_gib", f"must be a positive number of GiB, got {self.memory_gib}")
