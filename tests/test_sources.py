@@ -202,3 +202,32 @@ def test_inspect_bad_data_is_exit_2(tmp_path, capsys):
     path = _csv(tmp_path / "q.csv", PAIRS)
     assert run_cli("data", "inspect", path, "--columns", "prompt=question,response=answr") == 2
     assert "column 'answr' named in --columns is missing" in capsys.readouterr().err
+
+
+def test_sharegpt_without_columns_points_to_the_mapping(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]
+    for path in (_json(tmp_path / "sg.json", rows), tmp_path / "sg.jsonl"):
+        path.write_text(json.dumps(rows) if path.suffix == ".json" else json.dumps(rows[0]) + "\n")
+        with pytest.raises(DataError) as err:
+            data.read_records(path)
+        msg = str(err.value)
+        assert "--columns messages=conversations" in msg and "did you mean" not in msg, msg
+
+
+def test_pretty_printed_single_object_asks_for_an_array(tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"prompt": "p", "response": "r"}, indent=2))
+    with pytest.raises(DataError, match=r"one.json: holds one JSON object; expected an array of records "
+                                        r"\(\[\{\.\.\.\}, \{\.\.\.\}\]\) or JSON lines"):
+        data.read_records(one)
+    pretty_array = tmp_path / "arr.jsonl"
+    pretty_array.write_text(json.dumps([{"prompt": "p", "response": "r"}], indent=2))
+    with pytest.raises(DataError, match=r"arr.jsonl: holds a JSON array, not JSON lines; name it .json"):
+        data.read_records(pretty_array)
+
+
+def test_csv_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"prompt,response\na,b\nc,d\n\"caf\xe9\",e\n")
+    with pytest.raises(DataError, match=r"latin1.csv:4: not valid UTF-8 at byte 5 of the line"):
+        data.read_records(path)
