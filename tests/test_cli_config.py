@@ -74,6 +74,9 @@ def test_mistyped_flag_gets_the_command_usage_and_a_suggestion(capsys):
     assert "did you mean --batch_size?" in err
     assert run_cli("serve", "--max-batch=4") == 2
     assert "did you mean --max_batch?" in capsys.readouterr().err
+    assert run_cli("data", "inspect", "d.jsonl", "--colums", "a=b") == 2
+    assert "phitune data inspect: error: unrecognized arguments: --colums a=b; did you mean --columns?" in \
+        capsys.readouterr().err
 
 
 def test_missing_required_option_names_the_flag(capsys):

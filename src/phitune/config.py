@@ -25,6 +25,12 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+def same_as(cls: type, name: str) -> Any:
+    """A new field with the default, help and checks' metadata of cls's field `name` (one option, two commands)."""
+    f = cls.__dataclass_fields__[name]
+    return opt(default_of(f), **f.metadata)
+
+
 def default_of(f: dataclasses.Field) -> Any:
     """The default value of a dataclass field (a fresh one for default_factory fields)."""
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -217,6 +223,10 @@ class _Toggle(argparse.Action):
                  option_string: str | None = None) -> None:
         setattr(namespace, self.dest, option_string == self.option_strings[0])
 
+    def format_usage(self) -> str:
+        """Both spellings in the usage line, as argparse's BooleanOptionalAction shows them."""
+        return " | ".join(self.option_strings)
+
 
 def add_arguments(parser: argparse.ArgumentParser, groups: dict[str, type] = GROUPS) -> None:
     """Add one flag per dataclass field; defaults are SUPPRESSed so we can tell which flags were given.
@@ -308,10 +318,10 @@ def build_config(args: argparse.Namespace, groups: dict[str, type] = GROUPS, als
     return parts
 
 
-def settings(args: argparse.Namespace, groups: dict[str, type]) -> Any:
+def settings(args: argparse.Namespace, groups: dict[str, type], also_known: Iterable[str] = ()) -> Any:
     """A command's typed, validated settings as one namespace (field -> value), plus each part by group name."""
     import types
-    parts = build_config(args, groups)
+    parts = build_config(args, groups, also_known)
     flat = {k: v for part in parts.values() for k, v in dataclasses.asdict(part).items()}
     return types.SimpleNamespace(**flat, parts=parts, _argv=getattr(args, "_argv", None))
 
