@@ -96,7 +96,8 @@ def validate_records(items: Iterable[tuple[int | str, Any]], path: str | Path,
             record = normalise(obj, fmt, path, loc)
             if fmt == "messages" and obj["messages"][-1]["role"] != "assistant":
                 trimmed.append(loc)
-            key = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).digest()
+            text = json.dumps(record, sort_keys=True).encode()
+            key = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")  # small per record
             if key in seen:
                 repeated.append(loc)
             seen.add(key)
