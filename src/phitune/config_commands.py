@@ -5,11 +5,12 @@ validated in __post_init__ with a message that names the field; flags given on t
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Optional
 
-from phitune.config import at_least_one, opt
+from phitune.config import DataArgs, ModelArgs, at_least_one, opt, same_as
 from phitune.errors import ConfigError
 from phitune.exporting.gguf_writer import OUTTYPES
 from phitune.generation.engine import Sampling
@@ -152,3 +153,40 @@ class ExportArgs:
     model: Optional[str] = opt(None, "base model (default: the one the adapter was trained on)")
     tolerance: float = opt(1e-3, "largest allowed merge logit difference")
     trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code")
+
+
+@dataclass
+class PlanArgs:
+    """`phitune plan`'s own options (the run itself is described by the training options)."""
+    measure: bool = opt(False, "also run two real training steps of the longest batch and print the measured peak "
+                               "memory and step time (needs --dataset_path)")
+    memory_gib: Optional[float] = opt(None, "plan for a device with this much memory, in GiB (default: this one's)")
+    table: Optional[str] = opt(None, "write the Phi-2 / Phi-3.5-mini table for common devices to this file")
+
+    def __post_init__(self) -> None:
+        if self.memory_gib is not None and not (self.memory_gib > 0 and math.isfinite(self.memory_gib)):
+            raise ConfigError("memory_gib", f"must be a positive number of GiB, got {self.memory_gib}")
+
+
+@dataclass
+class InspectArgs:
+    """`phitune data inspect`: the data options of `phitune train`, read the way training reads them."""
+    dataset_path: Optional[str] = opt(None, "the data, when FILE is not given (e.g. from a training --config)")
+    model: Optional[str] = opt(None, "model whose tokenizer and template count the tokens (default: none; "
+                                     "characters are counted)")
+    trust_remote_code: bool = same_as(ModelArgs, "trust_remote_code")
+    dataset_split: str = same_as(DataArgs, "dataset_split")
+    columns: Optional[str] = same_as(DataArgs, "columns")
+    max_length: int = same_as(DataArgs, "max_length")
+    long_examples: str = same_as(DataArgs, "long_examples")
+    train_on_prompt: bool = same_as(DataArgs, "train_on_prompt")
+    template: str = same_as(DataArgs, "template")
+    system_prompt: Optional[str] = same_as(DataArgs, "system_prompt")
+    examples: int = opt(3, "rendered examples to show (first, median length, longest)")
+
+    def __post_init__(self) -> None:
+        DataArgs(dataset_split=self.dataset_split, columns=self.columns, max_length=self.max_length,
+                 long_examples=self.long_examples, train_on_prompt=self.train_on_prompt, template=self.template,
+                 system_prompt=self.system_prompt)  # train's own checks, so both commands refuse the same values
+        if self.examples < 0:
+            raise ConfigError("examples", f"must be >= 0, got {self.examples}")
