@@ -153,6 +153,7 @@ class ExportArgs:
     model: Optional[str] = opt(None, "base model (default: the one the adapter was trained on)")
     tolerance: float = opt(1e-3, "largest allowed merge logit difference")
     trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code")
+    force: bool = opt(False, "with --format ollama: replace a Modelfile that already exists beside the output")
 
 
 @dataclass
