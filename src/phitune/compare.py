@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
         raise PhituneError("--web shows the page for your own questions; drop --questions (or --web)")
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
     if args.web:
-        return _web(loaded, args.port)
+        return _web(loaded, args.port, args.allowed_hosts)
     columns = [None] + list(loaded.adapters)  # None = base
     colour = sys.stdout.isatty() and not args.no_color
     print(f"{DIM if colour else ''}base: {loaded.base_name}; adapters: "
@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _web(loaded, port):
+def _web(loaded, port, allowed_hosts=()):
     """The page of `phitune serve` for this base and these adapters, on localhost only."""
     import os
     import threading
@@ -98,7 +98,7 @@ def _web(loaded, port):
     import uvicorn
 
     from phitune.serving.routes import build_app
-    app = build_app(loaded)
+    app = build_app(loaded, host="127.0.0.1", allowed_hosts=allowed_hosts)
     url = f"http://127.0.0.1:{port}/"
     print(f"phitune compare: base and {', '.join(loaded.adapters) or 'no adapter'} side by side at {url} "
           f"(Ctrl-C stops)", file=sys.stderr, flush=True)

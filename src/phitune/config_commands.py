@@ -91,6 +91,9 @@ class CompareArgs:
     web: bool = opt(False, "compare in the browser instead: serve the page of `phitune serve` on 127.0.0.1 "
                            "and print its address")
     port: int = opt(8000, "port of the page with --web")
+    allowed_hosts: list = opt([], "with --web: another host name the page may be reached by (the server answers "
+                                  "only requests for 127.0.0.1, localhost and IP addresses: DNS rebinding); "
+                                  "repeat for several", repeat=True)
 
     def __post_init__(self) -> None:
         at_least_one(self, "batch_size")
@@ -124,9 +127,12 @@ class ServeArgs:
     max_batch: int = opt(16, "requests generated together in one batch")
     run_dir: list = opt([], "a training run whose curves the page at / shows (repeat for several; each "
                             "adapter's own run is shown without it)", repeat=True)
+    allowed_hosts: list = opt([], "another host name clients reach this server by (a DNS name, or * for any); "
+                                  "requests for names other than localhost, IP addresses and --host are refused "
+                                  "(DNS rebinding); repeat for several", repeat=True)
 
     def __post_init__(self) -> None:
-        at_least_one(self, "max_tokens_limit", "max_body_bytes", "max_batch")
+        at_least_one(self, "max_tokens_limit", "max_body_bytes", "max_batch", "max_queue")
 
 
 @dataclass

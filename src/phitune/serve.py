@@ -30,7 +30,8 @@ def main(args: argparse.Namespace) -> int:
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
     app = build_app(loaded, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
                     max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
-                    max_queue=args.max_queue, max_batch=args.max_batch, run_dirs=args.run_dir)
+                    max_queue=args.max_queue, max_batch=args.max_batch, run_dirs=args.run_dir, host=args.host,
+                    allowed_hosts=args.allowed_hosts)
     names = ", ".join(["base", *loaded.adapters])
     print(f"phitune serve: models {names} on http://{args.host}:{args.port}/v1; page: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)

@@ -96,9 +96,11 @@ class Request:
     stop_ids: list = field(default_factory=list)
     stop_strings: list = field(default_factory=list)
     cancel: Optional[threading.Event] = None
+    logprobs: Optional[int] = None  # record each token's log-probability and this many best alternatives
     on_text: Optional[Callable[[str], None]] = None  # called with each new piece of text
     on_done: Optional[Callable[[Request], None]] = None  # called once, when finish_reason is set
     tokens: list = field(default_factory=list)
+    token_logprobs: list = field(default_factory=list)  # per token (its logprob, [(id, logprob) best first])
     finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
     error: Optional[str] = None
     started: float = 0.0
@@ -315,6 +317,8 @@ class Engine:
                 chosen[i] = _sample(logits[i], r, s)
             token = int(chosen[i])
             self.next_ids[offset + i] = token
+            if r.logprobs is not None:  # before on_text: a piece's tokens have their logprobs when it is sent
+                r.token_logprobs.append(_logprobs(logits[i], token, r.logprobs))
             r.tokens.append(token)
             if r.first_token_s is None:
                 r.first_token_s = now - r.started
@@ -335,6 +339,13 @@ def _finish(r, reason, now=None):
     r.seconds = (now or time.perf_counter()) - r.started if r.started else 0.0
     if r.on_done:
         r.on_done(r)
+
+
+def _logprobs(logits, token, k):
+    """The model's log-probability of `token` (before temperature and penalties) and the k best (id, logprob)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = torch.topk(lp, k) if k else None
+    return float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist())) if k else []
 
 
 def _pad_left(t, n, dim=2):

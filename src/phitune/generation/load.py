@@ -96,6 +96,9 @@ def load(adapter_paths: Sequence[str] = (), model: Optional[str] = None, system_
     names = {}
     for item in adapter_paths:
         name, path = _named(str(item))
+        if name == "base":  # the base model's own name on the page, in compare and on the API
+            raise models.PhituneError(f"adapter 'base' ({path}): that name is the base model's; name the adapter "
+                                      f"yourself with name=DIR, e.g. --adapter_path base-tuned={path}")
         meta = adapters.read_adapter_meta(path)
         name = _unique(name, names)
         names[name], metas[name] = str(path), meta
