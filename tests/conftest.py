@@ -63,3 +63,14 @@ def memorised_adapter(tiny_models, tmp_path_factory):
                    "--val_split", 0)
     assert code == 0
     return base / "run" / "final_adapter"
+
+
+@pytest.fixture(scope="session")
+def shared_models():
+    """Folder of the real Phi tokenizers and configs (no weights): $PHITUNE_SHARED_MODELS, else
+    <repository>/../shared/models, else /work/shared/models; the test is skipped when none exists."""
+    for candidate in (os.environ.get("PHITUNE_SHARED_MODELS"), ROOT.parent / "shared" / "models",
+                      "/work/shared/models"):
+        if candidate and (Path(candidate) / "phi-2").is_dir():
+            return Path(candidate)
+    pytest.skip("the real Phi tokenizers (shared/models) are not here")
