@@ -95,16 +95,14 @@ def _web(loaded, port, allowed_hosts=()):
     import threading
     import webbrowser
 
-    import uvicorn
-
-    from phitune.serving.routes import build_app
+    from phitune.serving.routes import build_app, server
     app = build_app(loaded, host="127.0.0.1", allowed_hosts=allowed_hosts)
     url = f"http://127.0.0.1:{port}/"
     print(f"phitune compare: base and {', '.join(loaded.adapters) or 'no adapter'} side by side at {url} "
           f"(Ctrl-C stops)", file=sys.stderr, flush=True)
     if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32"):
         threading.Timer(1.0, webbrowser.open, (url,)).start()
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    server(app, "127.0.0.1", port).run()
     return 0
 
 
@@ -118,9 +116,20 @@ def run_batch(loaded: gen.Loaded, questions: list, columns: list, sampling: gen.
         for col in columns:
             jobs.append(([{"role": "user", "content": q["prompt"]}], col, s))
             where.append((i, _label(col)))
-    for (i, label), answer in zip(where, gen.generate_jobs(loaded, jobs, batch_size=batch_size)):
+    try:
+        answers = gen.generate_jobs(loaded, jobs, batch_size=batch_size)
+    except gen.ContextOverflow as e:
+        i, label = where[e.index]
+        raise PhituneError(f"question {i + 1} ({_short(questions[i]['prompt'])}) for {label}: {e}; shorten the "
+                           f"question or lower max_new_tokens") from None
+    for (i, label), answer in zip(where, answers):
         rows[i]["answers"][label] = answer
     return rows
+
+
+def _short(text, n=40):
+    text = " ".join(text.split())
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
 
 
 def _repl(loaded, columns, sampling, colour):
@@ -142,6 +151,9 @@ def _repl(loaded, columns, sampling, colour):
             row = run_batch(loaded, [{"prompt": prompt}], columns, sampling)[0]
         except KeyboardInterrupt:
             print("\n(interrupted)")
+            continue
+        except PhituneError as e:  # e.g. a question too long for the model's context: the session goes on
+            print(f"error: {e}", file=sys.stderr)
             continue
         show(row, columns, colour)
         rows.append(row)

@@ -54,13 +54,11 @@ class SamplingArgs:
     seed: Optional[int] = opt(None, "seed for sampling (a random one is drawn and recorded when sampling)")
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
         at_least_one(self, "max_new_tokens")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ConfigError("top_k" if self.top_k < 0 else "repetition_penalty", "must be positive")
+        problem = Sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k,
+                           self.repetition_penalty).problem()  # the engine's own rules (nan, inf, ranges)
+        if problem:
+            raise ConfigError(*problem)
 
     def sampling(self) -> Sampling:
         """These settings as an engine Sampling, with a random seed drawn (and kept) when sampling unseeded."""

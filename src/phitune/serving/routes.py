@@ -9,6 +9,7 @@ the page (/, /static; webui/) needs the key when an api_key is set. guard.py kee
 prompt stalls no stream and no /health.
 """
 import asyncio
+import contextlib
 import hmac
 import json
 import threading
@@ -26,6 +27,10 @@ from phitune.generation.scheduler import Busy, Scheduler
 from phitune.serving import schemas as api
 from phitune.serving.guard import Guard
 from phitune.serving.logprobs import TokenTexts
+
+# On Ctrl-C uvicorn waits for open responses to end before the app's shutdown; a stream may run for
+# thousands of tokens, so open responses get this long, then they are cancelled (see server()).
+SHUTDOWN_GRACE_S = 2
 
 
 class OpenAIRoutes:
@@ -217,9 +222,16 @@ def build_app(loaded: gen.Loaded, api_key: Optional[str] = None, max_tokens_limi
 
     from phitune.serving import webui
 
-    app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, host=host, allowed_hosts=tuple(allowed_hosts))
     scheduler = Scheduler(Engine(loaded, own_tokenizer=True), max_batch=max_batch, max_queue=max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # Shutdown: end the rows in flight (their streams close) and stop the generation thread.
+        await asyncio.get_running_loop().run_in_executor(None, scheduler.close)
+
+    app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(Guard, host=host, allowed_hosts=tuple(allowed_hosts))
     app.state.scheduler = scheduler
     routes = OpenAIRoutes(loaded, scheduler, api_key, max_tokens_limit, max_prompt_tokens, max_body_bytes)
 
@@ -259,3 +271,11 @@ def build_app(loaded: gen.Loaded, api_key: Optional[str] = None, max_tokens_limi
 
     webui.mount(app, loaded, routes, run_dirs=run_dirs, max_tokens_limit=max_tokens_limit)
     return app
+
+
+def server(app: FastAPI, host: str, port: int):
+    """The uvicorn server that `serve` and `compare --web` run: on Ctrl-C open responses get SHUTDOWN_GRACE_S
+    seconds, then the app's shutdown ends the rows still in flight and stops the generation thread."""
+    import uvicorn
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                         timeout_graceful_shutdown=SHUTDOWN_GRACE_S))

@@ -6,9 +6,11 @@ import time
 import uuid
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
 from phitune.serving import logprobs
+
+MAX_STOPS, MAX_STOP_CHARS = 4, 100  # OpenAI's bound on the count; every token is checked against each one
 
 
 class ApiError(Exception):
@@ -38,12 +40,23 @@ class Common(BaseModel):
     max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)  # OpenAI's newer name; wins
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None  # the caller's own label for its user: accepted, not used
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
     stream: bool = False
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
     n: int = Field(default=1, ge=1, le=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string is at most {MAX_STOP_CHARS} characters, got one of {longest}")
+        return stop
 
 
     @property
