@@ -125,3 +125,160 @@ def test_json_in_csv_cells_reads_as_conversational(tmp_path):
             w.writerow([json.dumps(c["prompt"]), json.dumps(c["chosen"]), json.dumps(c["rejected"])])
     got, fmt = pairs.read_pairs(tmp_path / "c.csv")
     assert fmt == "preference_conversational" and got[0]["chosen"] == PAIRS[0]["chosen"]
+
+
+# ---------------------------------------------------------------- losses and gradients equal TRL's
+
+BETA = 0.3  # not TRL's default, so that a beta that is not passed through would show
+
+
+def _phitune_policy(model_dir, seed=0):
+    """The tiny model with LoRA attached and the CPU path applied exactly as `phitune train` does (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from phitune.config import LoraArgs
+    from phitune.hardware import backends
+    from phitune.models import adapters
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    peft_model, _ = adapters.attach_lora(model, LoraArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                                                        target_modules=["q_proj", "v_proj", "fc1"]), seed=seed)
+    plan = backends.make_plan(torch.device("cpu"), torch.float32, None, False, 64)
+    assert backends.apply(peft_model, plan) > 0  # phitune's fused CPU LoRA layers are in the path
+    return peft_model
+
+
+def _perturb(peft_model):
+    """LoRA B starts at 0 (the adapter is a no-op); give it values so that policy and reference differ."""
+    import torch
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def _trl_trainer(kind, model_dir, tok, template, tmp_path):
+    """TRL's trainer on the same base weights, LoRA shape and prompts (rendered by phitune's template)."""
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    data = Dataset.from_dict({
+        "prompt": [template.render_prompt([{"role": "user", "content": r["prompt"]}]) for r in PAIRS],
+        "chosen": [" " + r["chosen"] for r in PAIRS], "rejected": [" " + r["rejected"] for r in PAIRS]})
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "fc1"],
+                      task_type="CAUSAL_LM")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    common = dict(output_dir=str(tmp_path / f"trl_{kind}"), report_to=[], beta=BETA, max_length=64, bf16=False,
+                  gradient_checkpointing=False, use_cpu=True, seed=0, per_device_train_batch_size=len(PAIRS))
+    if kind == "dpo":
+        from trl import DPOConfig, DPOTrainer
+        return DPOTrainer(model=base, args=DPOConfig(**common), processing_class=tok, train_dataset=data,
+                          peft_config=lora)
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    return ORPOTrainer(model=base, args=ORPOConfig(**common), processing_class=tok, train_dataset=data,
+                       peft_config=lora)
+
+
+def _lora_grads(model):
+    return {n.replace(".default", ""): p.grad.detach().clone() for n, p in model.named_parameters()
+            if p.grad is not None and "lora_" in n}
+
+
+def _copy_lora(src, dst):
+    import torch
+    theirs = dict(dst.named_parameters())
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if "lora_" in name:
+                theirs[name].copy_(p)
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_loss_and_gradients_equal_trl(method, tiny_models, tmp_path):
+    """phitune's encoding + PairLogps + Objective on the LoRA model as training builds it, against TRL 1.16's
+    DPOTrainer / ORPOTrainer compute_loss on the same weights: same token ids, loss and LoRA gradients to 1e-4.
+    The tiny Phi tokenizer adds no BOS, so TRL's DPO and ORPO tokenisation give the ids phitune's phi2 template
+    gives. ORPO's NLL: TRL's covers prompt and answer, phitune's the answer unless --train_on_prompt; the
+    comparison runs with the prompt in the NLL (nll_on_prompt), and the answer-only NLL is checked to be the
+    supervised answer loss."""
+    pytest.importorskip("trl")
+    import torch
+
+    from phitune.models.loading import load_tokenizer
+    from phitune.training import preference
+    from phitune.training.loss import AnswerLoss
+    model_dir = tiny_models["phi"]
+    tok = load_tokenizer(str(model_dir))
+    template = Template(tok)
+    assert template.kind == "phi2" and tok.bos_token_id is None
+    examples, _ = pairs.encode_pairs(pairs.read_pairs(write_jsonl(tmp_path / "p.jsonl", PAIRS))[0], template, 64)
+
+    # ---- phitune: the reference is the starting point, computed once in eval mode, then the policy moves
+    policy = _phitune_policy(model_dir)
+    module = preference.PairLogps(policy)
+    module.eval()
+    ref = preference.reference_logps(module, examples, 2, tok.pad_token_id, torch.device("cpu"))
+    module.train()
+    _perturb(policy)
+    objective = preference.Objective(method, BETA)
+    batch = pairs.collate_pairs(examples, tok.pad_token_id, ref_logps=ref, nll_on_prompt=method == "orpo")
+    pair_loss, nll_sum, stats = objective.terms(module(**preference.model_inputs(batch)), batch["ref_logps"])
+    pairs_n, tokens = objective.norms(batch)
+    ours = objective.loss(pair_loss, nll_sum, pairs_n, tokens)
+    ours.backward()
+    our_grads, our_metrics = _lora_grads(policy), objective.metrics(stats)
+
+    # ---- TRL on the same weights
+    trainer = _trl_trainer(method, model_dir, tok, template, tmp_path)
+    model = trainer.model
+    _copy_lora(policy, model)
+    rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
+    trl_batch = trainer.data_collator(rows)
+    if method == "dpo":  # same token ids, same answer positions
+        width = batch["input_ids"].shape[1]
+        assert torch.equal(trl_batch["attention_mask"], batch["attention_mask"][:, :trl_batch["input_ids"].shape[1]])
+        assert width == trl_batch["input_ids"].shape[1]
+        assert torch.equal(trl_batch["input_ids"] * trl_batch["attention_mask"],
+                           batch["input_ids"] * batch["attention_mask"])
+        assert torch.equal(trl_batch["completion_mask"].bool(), batch["labels"] != IGNORE)
+    else:
+        for i, e in enumerate(examples):
+            assert rows[i]["chosen_input_ids"] == e["chosen"]["input_ids"]
+            assert rows[i]["rejected_input_ids"] == e["rejected"]["input_ids"]
+            assert rows[i]["chosen_labels"] == e["chosen"]["labels"]
+    model.train()
+    model.zero_grad()
+    theirs = trainer.compute_loss(model, trl_batch)
+    theirs.backward()
+    trl_grads = _lora_grads(model)
+
+    assert abs(ours.item() - theirs.item()) < 1e-4, (ours.item(), theirs.item())
+    assert ours.item() > 0.1 and set(our_grads) == set(trl_grads) and len(our_grads) == 12
+    for name, g in trl_grads.items():
+        torch.testing.assert_close(our_grads[name], g, rtol=0, atol=1e-4, msg=name)
+    assert max(g.abs().max().item() for g in trl_grads.values()) > 1e-3  # the gradients are not all ~0
+    if method == "dpo":
+        logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        pairs_map = {"rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
+                     "margin": "rewards/margins", "accuracy": "rewards/accuracies"}
+    else:
+        logged = {k: v[-1] for k, v in trainer._stored_metrics["train"].items()}
+        pairs_map = {"rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
+                     "margin": "rewards/margins", "accuracy": "rewards/accuracies", "nll": "nll_loss",
+                     "log_odds_ratio": "log_odds_ratio", "log_odds": "log_odds_chosen"}
+    for ours_key, trl_key in pairs_map.items():
+        assert our_metrics[ours_key] == pytest.approx(float(logged[trl_key]), abs=1e-4), ours_key
+    if method == "orpo":  # the default NLL (answer only) is the supervised answer loss of the chosen answers
+        plain = pairs.collate_pairs(examples, tok.pad_token_id)
+        _, nll_answer, st = objective.terms(module(**preference.model_inputs(plain)), None)
+        chosen = {k: v[:len(examples)] for k, v in plain.items()}
+        with torch.no_grad():
+            sft_sum, sft_count = AnswerLoss(policy)(**chosen)
+        assert objective.metrics(st)["nll"] == pytest.approx((sft_sum / sft_count).item(), abs=1e-5)
