@@ -282,3 +282,260 @@ def test_loss_and_gradients_equal_trl(method, tiny_models, tmp_path):
         with torch.no_grad():
             sft_sum, sft_count = AnswerLoss(policy)(**chosen)
         assert objective.metrics(st)["nll"] == pytest.approx((sft_sum / sft_count).item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------- training
+
+TRAIN = ["--max_length", 64, "--lora_r", 4, "--learning_rate", 1e-2, "--warmup_ratio", 0,
+         "--gradient_checkpointing", "false"]
+
+
+def _adapter(run_dir, name="final_adapter"):
+    from safetensors.torch import load_file
+    return load_file(run_dir / name / "adapter_model.safetensors")
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_preference_run_logs_its_metrics_and_records_the_method(method, tiny_models, tmp_path, capsys):
+    from conftest import run_cli
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS * 3)
+    out = tmp_path / method
+    assert run_cli("train", "--method", method, "--beta", 0.2, "--model", tiny_models["llama"], "--dataset_path",
+                   data, "--output_dir", out, "--max_steps", 4, "--batch_size", 2, "--gradient_accumulation_steps",
+                   2, "--val_split", 0.25, "--eval_steps", 2, *TRAIN) == 0
+    err = capsys.readouterr().err
+    rows = _metrics(out)
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    keys = {"loss", "rewards/chosen", "rewards/rejected", "margin", "accuracy"}
+    assert len(train) == 4 and all(keys <= set(r) for r in train)
+    assert len(val) == 3 and all({f"val_{k}" for k in keys} <= set(r) for r in val)  # steps 2, 3 (epoch end), 4
+    for r in train:
+        assert r["margin"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5)
+    meta = json.loads((out / "final_adapter" / "phitune.json").read_text())
+    assert meta["method"] == method and meta["beta"] == 0.2 and meta["data"]["format"] == "preference"
+    assert "9 preference pairs" in err and "margin=" in err and "acc=" in err  # header and progress bar
+    if method == "dpo":
+        assert train[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step
+        assert train[0]["rewards/chosen"] == 0 and train[0]["rewards/rejected"] == 0
+        assert "reference: the base model (new adapter)" in err and (out / "reference_logps.pt").is_file()
+    else:
+        assert all({"nll", "log_odds", "log_odds_ratio"} <= set(r) for r in train)
+        assert not (out / "reference_logps.pt").exists()
+
+
+def test_dpo_interrupted_then_resumed_equals_the_uninterrupted_run(tiny_models, tmp_path, monkeypatch):
+    """Ctrl-C inside a step, then --resume: the same adapter as a run that was never stopped, and the
+    reference log-probs are read back, not recomputed from the adapter trained so far."""
+    from conftest import run_cli
+    from phitune.training import preference
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS * 3)
+    args = ["train", "--method", "dpo", "--model", tiny_models["phi"], "--dataset_path", data, "--epochs", 2,
+            "--batch_size", 2, "--gradient_accumulation_steps", 2, "--lora_dropout", 0.3, "--val_split", 0.25,
+            "--save_steps", 100, *TRAIN]
+    assert run_cli(*args, "--output_dir", tmp_path / "reference") == 0
+    real, calls = preference.PairLogps.forward, []
+
+    def interrupted(self, *a, **kw):
+        result = real(self, *a, **kw)  # the step's dropout has drawn its random numbers by now
+        if self.training:
+            calls.append(1)
+            if len(calls) == 5:  # first micro-batch of step 3
+                raise KeyboardInterrupt
+        return result
+    monkeypatch.setattr(preference.PairLogps, "forward", interrupted)
+    out = tmp_path / "interrupted"
+    assert run_cli(*args, "--output_dir", out) == 130
+    assert (out / "checkpoint-2").is_dir() and not (out / "final_adapter").exists()
+    monkeypatch.setattr(preference.PairLogps, "forward", real)
+    stored = (out / "reference_logps.pt").stat().st_mtime_ns
+
+    def recomputed(*a, **kw):
+        raise AssertionError("reference log-probs recomputed on --resume")
+    monkeypatch.setattr(preference, "reference_logps", recomputed)
+    assert run_cli(*args, "--output_dir", out, "--resume") == 0
+    assert (out / "reference_logps.pt").stat().st_mtime_ns == stored
+    import torch
+    for name in ("final_adapter", "best_adapter"):
+        want, got = _adapter(tmp_path / "reference", name), _adapter(out, name)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+    assert [r for r in _metrics(out) if "val_loss" in r] == [r for r in _metrics(tmp_path / "reference")
+                                                            if "val_loss" in r]
+
+
+def test_dpo_on_two_processes_equals_one_process(tiny_models, tmp_path):
+    """--num_processes 2: each process computes the reference of its share of the pairs and trains on its
+    pairs of each step; the adapter equals one process with the same effective batch."""
+    import subprocess
+    import sys
+
+    import torch
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS * 3)
+    common = ["train", "--method", "dpo", "--model", str(tiny_models["llama"]), "--dataset_path", str(data),
+              "--batch_size", "2", "--epochs", "1", "--val_split", "0.25", "--lora_dropout", "0.0",
+              *map(str, TRAIN)]
+    from conftest import run_cli
+    assert run_cli(*common, "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", 2) == 0
+    done = subprocess.run([sys.executable, "-m", "phitune", *common, "--output_dir", str(tmp_path / "two"),
+                           "--gradient_accumulation_steps", "1", "--num_processes", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = torch.load(tmp_path / "one" / "reference_logps.pt"), torch.load(tmp_path / "two" / "reference_logps.pt")
+    torch.testing.assert_close(two["train"], one["train"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(two["val"], one["val"], rtol=0, atol=1e-5)
+    want, got = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-4)
+
+
+def _bad(tmp_path, rows):
+    return write_jsonl(tmp_path / "bad.jsonl", [PAIRS[0], *rows])
+
+
+@pytest.mark.parametrize("row,problem", [
+    ({"prompt": "p", "chosen": "a"}, "bad.jsonl:2: 'rejected' is missing"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "bad.jsonl:2: 'chosen' and 'rejected' are the same"),
+    ({"prompt": "p", "chosen": "a", "rejected": ["b"]}, "bad.jsonl:2: 'chosen' must be a list of messages"),
+    ({"prompt": "p", "chosen": "a", "rejected": 7}, "bad.jsonl:2: 'rejected' must be a string"),
+    ({"prompt": "p", "response": "r"}, "bad.jsonl:2: 'chosen' is missing"),
+])
+def test_bad_preference_data_exits_2_naming_line_and_field(tiny_models, tmp_path, capsys, row, problem):
+    from conftest import run_cli
+    code = run_cli("train", "--method", "dpo", "--model", tiny_models["llama"], "--dataset_path",
+                   _bad(tmp_path, [row]), "--output_dir", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2 and problem in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("extra,problem", [
+    (["--method", "dpo", "--beta", 0], "beta: must be a number > 0"),
+    (["--method", "dpo", "--beta", -1], "beta: must be a number > 0"),
+    (["--method", "dpo", "--train_on_prompt"], "train_on_prompt: does not apply to --method dpo"),
+    (["--method", "kto"], "invalid choice: 'kto'"),
+    (["--method", "dpo", "--adapter_path", "missing_dir"], "missing_dir: adapter directory not found"),
+])
+def test_bad_preference_settings_exit_2(tiny_models, tmp_path, capsys, extra, problem):
+    from conftest import run_cli
+    code = run_cli("train", "--model", tiny_models["llama"], "--dataset_path",
+                   write_jsonl(tmp_path / "p.jsonl", PAIRS), "--output_dir", tmp_path / "out", *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and problem in err and "Traceback" not in err, err
+
+
+def test_sft_data_given_to_dpo_says_what_to_do(tiny_models, tmp_path, capsys):
+    from conftest import MEMORISE, run_cli
+    code = run_cli("train", "--method", "dpo", "--model", tiny_models["llama"], "--dataset_path",
+                   write_jsonl(tmp_path / "sft.jsonl", MEMORISE), "--output_dir", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2 and "sft.jsonl:1: 'chosen' is missing" in err and "--method sft" in err
+
+
+def test_memory_plan_counts_two_rows_per_pair(tiny_models):
+    from transformers import AutoConfig
+
+    from phitune.config import LoraArgs
+    from phitune.hardware import memory
+    shape = memory.model_shape(AutoConfig.from_pretrained(tiny_models["llama"]))
+    lora = LoraArgs(lora_r=4)
+    pairs_est = memory.estimate_memory(shape, lora, 3, 64, False, rows_per_example=memory.rows_per_example("dpo"))
+    rows_est = memory.estimate_memory(shape, lora, 6, 64, False)
+    assert pairs_est.parts == rows_est.parts and memory.rows_per_example("sft") == 1
+    one = memory.estimate_memory(shape, lora, 3, 64, False)
+    assert pairs_est.parts["activations"] == 2 * one.parts["activations"]
+
+
+def test_auto_checkpointing_turns_on_for_pairs_and_trains_the_same(tiny_models, tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    common = ["train", "--method", "dpo", "--model", tiny_models["llama"], "--dataset_path", data, "--max_steps",
+              2, "--batch_size", 2, "--gradient_accumulation_steps", 1, "--val_split", 0, "--lora_dropout", 0.0,
+              "--max_length", 64, "--lora_r", 4, "--learning_rate", 1e-2]
+    assert run_cli(*common, "--output_dir", tmp_path / "roomy") == 0
+    assert "gradient checkpointing off: needs ~" in capsys.readouterr().err
+    monkeypatch.setenv("PHITUNE_AVAILABLE_MEMORY", "1MiB")
+    assert run_cli(*common, "--output_dir", tmp_path / "tight") == 0
+    assert "gradient checkpointing on: needs ~" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "tight" / "final_adapter" / "phitune.json").read_text())
+    assert meta["hardware"]["gradient_checkpointing"] is True
+    import torch
+    roomy, tight = _adapter(tmp_path / "roomy"), _adapter(tmp_path / "tight")
+    for key in roomy:
+        torch.testing.assert_close(tight[key], roomy[key], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- --adapter_path
+
+def _margins(adapter_dir, rows):
+    """Mean (chosen - rejected) summed log-prob over `rows` under an adapter, through phitune's own path."""
+    import torch
+
+    from phitune.models import adapters
+    from phitune.models import loading as models
+    from phitune.training import preference
+    meta = adapters.read_adapter_meta(adapter_dir)
+    tok = models.load_tokenizer(meta["base"]["model"])
+    template = Template.from_meta(tok, meta["template"])
+    model = adapters.load_adapter(models.load_model(meta["base"]["model"], torch.float32), adapter_dir, meta).eval()
+    examples, _ = pairs.encode_pairs(pairs.validate_pairs(enumerate(rows, 1), "rows")[0], template, 64)
+    with torch.no_grad():
+        chosen, rejected = preference.pair_logps(model, pairs.collate_pairs(examples, tok.pad_token_id))
+    return (chosen - rejected).mean().item(), template
+
+
+def test_adapter_path_continues_an_sft_adapter_with_dpo(tiny_models, tmp_path, capsys):
+    """SFT with a phi2 template, a system prompt and rank 16; then DPO from that adapter with no --model and no
+    --template: the base, template, system prompt and LoRA shape are the adapter's, and the chosen-minus-rejected
+    margin on the training pairs grows."""
+    from conftest import run_cli
+    sft_rows = [{"prompt": r["prompt"], "response": r["chosen"]} for r in PAIRS]
+    sft = tmp_path / "sft"
+    assert run_cli("train", "--model", tiny_models["llama"], "--dataset_path", write_jsonl(tmp_path / "s.jsonl",
+                   sft_rows), "--output_dir", sft, "--template", "phi2", "--system_prompt", "Give the code.",
+                   "--epochs", 10, "--batch_size", 4, "--gradient_accumulation_steps", 1, "--val_split", 0,
+                   "--max_length", 64, "--lora_r", 16, "--lora_dropout", 0.0, "--learning_rate", 1e-2) == 0
+    capsys.readouterr()
+    dpo = tmp_path / "dpo"
+    assert run_cli("train", "--method", "dpo", "--beta", 0.1, "--adapter_path", sft / "final_adapter",
+                   "--dataset_path", write_jsonl(tmp_path / "p.jsonl", PAIRS), "--output_dir", dpo, "--epochs", 10,
+                   "--batch_size", 4, "--gradient_accumulation_steps", 1, "--val_split", 0, "--max_length", 64,
+                   "--learning_rate", 1e-2, "--warmup_ratio", 0) == 0
+    err = capsys.readouterr().err
+    assert f"starting from adapter {sft / 'final_adapter'}" in err and f"reference: {sft / 'final_adapter'}" in err
+    meta = json.loads((dpo / "final_adapter" / "phitune.json").read_text())
+    assert meta["base"]["model"] == str(tiny_models["llama"]) and meta["start_adapter"] == str(sft / "final_adapter")
+    assert meta["template"]["kind"] == "phi2" and meta["template"]["system_prompt"] == "Give the code."
+    config = json.loads((dpo / "final_adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16
+    before, template = _margins(sft / "final_adapter", PAIRS)
+    after, _ = _margins(dpo / "final_adapter", PAIRS)
+    assert template.kind == "phi2"
+    assert after > before + 1.0, (before, after)
+    rows = [r for r in _metrics(dpo) if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the reference is the SFT adapter itself
+    assert rows[-1]["accuracy"] == 1.0 and rows[-1]["margin"] > rows[0]["margin"]
+
+
+def test_adapter_path_continues_sft_from_the_adapter_weights(tiny_models, tmp_path):
+    from conftest import MEMORISE, run_cli
+    data = write_jsonl(tmp_path / "s.jsonl", MEMORISE)
+    common = ["--dataset_path", data, "--batch_size", 4, "--gradient_accumulation_steps", 1, "--val_split", 0,
+              "--max_length", 64, "--lora_dropout", 0.0]
+    first = tmp_path / "first"
+    assert run_cli("train", "--model", tiny_models["llama"], "--output_dir", first, "--max_steps", 3,
+                   "--learning_rate", 1e-2, "--lora_r", 4, *common) == 0
+    again = tmp_path / "again"
+    assert run_cli("train", "--adapter_path", first / "final_adapter", "--output_dir", again, "--max_steps", 1,
+                   "--learning_rate", 1e-7, *common) == 0
+    import torch
+    start, end = _adapter(first), _adapter(again)
+    assert start.keys() == end.keys()
+    assert any(v.abs().max() > 1e-3 for k, v in start.items() if "lora_B" in k)
+    for key in start:
+        torch.testing.assert_close(end[key], start[key], rtol=0, atol=1e-5)
+    meta = json.loads((again / "final_adapter" / "phitune.json").read_text())
+    assert meta["method"] == "sft" and meta["beta"] is None
