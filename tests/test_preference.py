@@ -539,3 +539,44 @@ def test_adapter_path_continues_sft_from_the_adapter_weights(tiny_models, tmp_pa
         torch.testing.assert_close(end[key], start[key], rtol=0, atol=1e-5)
     meta = json.loads((again / "final_adapter" / "phitune.json").read_text())
     assert meta["method"] == "sft" and meta["beta"] is None
+
+
+def test_plan_counts_a_pair_as_two_rows(tiny_models, tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+    from phitune import plan
+    from phitune.hardware import memory
+    estimates = []
+
+    def spy(*a, **kw):
+        est = memory.estimate_memory(*a, **kw)
+        estimates.append((a[2], kw.get("rows_per_example", 1), est.total_bytes))
+        return est
+    monkeypatch.setattr(plan, "estimate_memory", spy)
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    assert run_cli("plan", "--method", "dpo", "--model", tiny_models["llama"], "--dataset_path", data,
+                   "--batch_size", 2, "--gradient_accumulation_steps", 1, "--max_length", 64) == 0
+    assert "4 preference pairs (8 sequences" in capsys.readouterr().out
+    pairs_, per, _ = estimates[0]  # this run, as `train` will run it: 2 pairs = 4 rows
+    assert (pairs_, per) == (2, 2) and all(p == 2 for _, p, _ in estimates)
+
+
+def test_split_pairs_keeps_each_pair_whole(tiny_models):
+    """The out-of-memory retry cuts a batch into smaller ones: each piece keeps its pairs' chosen and rejected
+    rows together, so the summed statistics are those of the whole batch."""
+    import torch
+
+    from phitune.models.loading import load_tokenizer
+    from phitune.training import preference
+    tok = load_tokenizer(str(tiny_models["phi"]))
+    examples, _ = pairs.encode_pairs(pairs.validate_pairs(enumerate(PAIRS, 1), "rows")[0], Template(tok), 64)
+    ref = torch.randn(len(examples), 2)
+    batch = pairs.collate_pairs(examples, tok.pad_token_id, ref_logps=ref)
+    module = preference.PairLogps(_phitune_policy(tiny_models["phi"]))
+    objective = preference.Objective("dpo", BETA)
+    with torch.no_grad():
+        whole = objective.terms(module(**preference.model_inputs(batch)), batch["ref_logps"])[2]
+        pieces = preference.split_pairs(batch, 3)
+        parts = sum(objective.terms(module(**preference.model_inputs(p)), p["ref_logps"])[2] for p in pieces)
+    assert [p["input_ids"].shape[0] for p in pieces] == [4, 4] and len(pieces[0]["ref_logps"]) == 2
+    assert torch.equal(pieces[1]["input_ids"][2], batch["input_ids"][len(examples) + 2])  # rejected of pair 2
+    torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-5)
