@@ -52,6 +52,9 @@ class ModelArgs:
     precision: str = opt("auto", "auto | bf16 | fp32 | fp16: compute precision (auto: bf16 where the device "
                                  "supports it)",
                          choices=("auto", "bf16", "fp32", "fp16"))
+    adapter_path: Optional[str] = opt(None, "start from this trained adapter and train it further (any --method): "
+                                            "its base model (unless --model is given), template, system prompt and "
+                                            "LoRA shape come from its phitune.json; --lora_* flags do not apply")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -147,6 +150,13 @@ class TrainArgs:
     report_to: list = opt([], "experiment trackers to log to: tensorboard, trackio, wandb, mlflow (several "
                               "allowed; offline where the tracker can be), or none (default: none)", nargs="+")
     run_name: Optional[str] = opt(None, "run name shown in the trackers (default: the --output_dir folder name)")
+    method: str = opt("sft", "sft: supervised, on examples; dpo: direct preference optimisation and orpo: odds-ratio "
+                             "preference optimisation, both on {prompt, chosen, rejected} pairs (--batch_size counts "
+                             "pairs; each puts 2 rows in the batch). dpo's reference is the starting point (the base, "
+                             "or --adapter_path); orpo needs none", choices=("sft", "dpo", "orpo"))
+    beta: float = opt(0.1, "dpo: beta, how far the tuned policy may move from the reference (higher: stays closer); "
+                           "orpo: lambda, the weight of the odds-ratio term beside the NLL of the chosen answers "
+                           "(TRL's ORPOConfig calls it beta too); unused by sft")
 
     def __post_init__(self) -> None:
         at_least_one(self, "batch_size", "gradient_accumulation_steps", "save_total_limit", "logging_steps",
@@ -171,6 +181,8 @@ class TrainArgs:
         unknown = [name for name in self.report_to if name not in TRACKERS]
         if unknown:
             raise ConfigError("report_to", f"unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
+        if not (math.isfinite(self.beta) and self.beta >= 0) or (self.method == "dpo" and self.beta == 0):
+            raise ConfigError("beta", f"must be a number > 0 (>= 0 for orpo), got {self.beta}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("max_grad_norm" if self.max_grad_norm < 0 else "weight_decay", "must be >= 0")
 

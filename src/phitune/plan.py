@@ -33,6 +33,7 @@ from phitune.hardware.memory import (  # noqa: F401
     fits,
     flops_per_token,
     model_shape,
+    rows_per_example,
     suggest,
 )
 from phitune.models import loading as models
@@ -143,6 +144,7 @@ def main(args: argparse.Namespace) -> int:
     if own.memory_gib is not None:
         capacity, where = own.memory_gib * GIB, f"{where}; planning for {own.memory_gib:g} GiB"
     lengths, answer_fraction, note, examples, pad_id = _data_lengths(cfg)
+    per = rows_per_example(cfg.train.method)  # dpo/orpo: a pair is 2 rows; lengths and examples are rows
     rate = matmul_rate(device, compute_dtype or weights_dtype)
     speed = rate * EFFICIENCY[device.type]
     print(f"phitune plan: {cfg.model.model} ({shape.model_type}, {shape.params / 1e6:.0f}M parameters) on {where}")
@@ -152,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
     t = cfg.train
     longest = min(cfg.data.max_length, max(lengths)) if lengths else cfg.data.max_length
     need = estimate_memory(shape, cfg.lora, t.batch_size, longest, False, weights_dtype, compute_dtype, device.type,
-                           cfg.model.quantize, answer_fraction=answer_fraction).total_bytes
+                           cfg.model.quantize, answer_fraction=answer_fraction, rows_per_example=per).total_bytes
     ckpt_this_run, reason = backends.decide_checkpointing(t.gradient_checkpointing, need, capacity)
     print(f"  gradient checkpointing {reason}")
     rows = [("this run", t.batch_size, t.gradient_accumulation_steps, cfg.data.max_length,
@@ -166,15 +168,16 @@ def main(args: argparse.Namespace) -> int:
             print(f"  {label:28} (4-bit needs CUDA and bitsandbytes)")
             continue
         seq = min(max_len, max(lengths)) if lengths else max_len
-        rows_in_batch = min(bs, len(lengths)) if lengths else bs  # a batch cannot hold more than the data
+        rows_in_batch = min(bs, len(lengths) // per) if lengths else bs  # a batch cannot hold more than the data
         est = estimate_memory(shape, cfg.lora, rows_in_batch, seq, ckpt, weights_dtype, compute_dtype, device.type,
-                              quant, answer_fraction=answer_fraction)
+                              quant, answer_fraction=answer_fraction, rows_per_example=per)
         first = first or est
         ok = fits(est, capacity)
         if lengths:
             clipped = [min(n, max_len) for n in lengths]
             mean = sum(clipped) / len(clipped)
-            flops = flops_per_token(shape, est.trainable, mean, ckpt, answer_fraction) * epoch_tokens(clipped, bs)
+            flops = flops_per_token(shape, est.trainable, mean, ckpt, answer_fraction) * epoch_tokens(clipped,
+                                                                                                     bs * per)
             epoch = _duration(flops / speed)
         else:
             epoch = "-"
@@ -185,14 +188,15 @@ def main(args: argparse.Namespace) -> int:
     if not fits(first, capacity):
         s = suggest(shape, cfg.lora, first.batch_size, t.gradient_accumulation_steps, first.seq_len,
                     ckpt_this_run, capacity, weights_dtype=weights_dtype, compute_dtype=compute_dtype,
-                    device=device.type, quantize=cfg.model.quantize, answer_fraction=answer_fraction)
+                    device=device.type, quantize=cfg.model.quantize, answer_fraction=answer_fraction,
+                    rows_per_example=per)
         print("\n  this run does not fit: " + (s.text if s else "not even one example per micro-batch with "
                                                "checkpointing; lower --max_length or use --quantize 4bit (CUDA)"))
     if own.measure:
         if not examples:
             raise PhituneError(f"--measure needs the model's tokenizer, which is not available here for "
                                f"{cfg.model.model}")
-        m = measure(cfg, examples, pad_id, ckpt_this_run)
+        m = measure(cfg, examples, pad_id, ckpt_this_run, rows=cfg.train.batch_size * per)
         err = (first.total_bytes - m["peak_bytes"]) / m["peak_bytes"]
         flops = flops_per_token(shape, first.trainable, m["seq_len"], ckpt_this_run,
                                 answer_fraction) * m["tokens"]
@@ -201,6 +205,25 @@ def main(args: argparse.Namespace) -> int:
               f"    step {m['step_s']:.2f} s vs estimated {flops / speed:.2f} s "
               f"({flops / m['step_s'] / rate:.0%} of the measured matmul rate)")
     return 0
+
+
+def _pair_lengths(cfg):
+    """_data_lengths for dpo/orpo: preference pairs, each counted as its two sequences (rows)."""
+    from phitune.data import pairs
+    from phitune.data.templates import Template
+    records, fmt = pairs.read_pairs(cfg.data.dataset_path, cfg.data.dataset_split, cfg.data.columns)
+    tok = _load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
+    examples, stats = pairs.encode_pairs(records, Template(tok, cfg.data.template, cfg.data.system_prompt), 10 ** 9)
+    rows = [e[key] for e in examples for key in ("chosen", "rejected")]
+    lengths = [len(r["input_ids"]) for r in rows]
+    answer_fraction = stats.answer_tokens / max(1, stats.tokens)
+    over = sum(n > cfg.data.max_length for n in lengths)
+    note = (f"{len(examples):,} {fmt} pairs ({len(rows):,} sequences: a batch of B pairs is 2B rows), "
+            f"{stats.tokens:,} tokens ({answer_fraction:.0%} in answers), longest {max(lengths)}"
+            + (f"; {over} longer than --max_length {cfg.data.max_length}" if over else ""))
+    for r in rows:  # as training will see them
+        r["input_ids"], r["labels"] = r["input_ids"][:cfg.data.max_length], r["labels"][:cfg.data.max_length]
+    return lengths, answer_fraction, note, rows, tok.pad_token_id
 
 
 def _size(n: float) -> str:
@@ -219,6 +242,8 @@ def _data_lengths(cfg):
     """(token lengths, share of positions trained, a note, encoded examples, pad id) of the training data."""
     if not cfg.data.dataset_path:
         return None, 1.0, f"none given: every example taken as --max_length {cfg.data.max_length} tokens", None, None
+    if cfg.train.method != "sft":
+        return _pair_lengths(cfg)
     records, fmt = data.read_records(cfg.data.dataset_path, cfg.data.dataset_split, cfg.data.columns)
     try:
         from phitune.data.templates import Template
@@ -241,8 +266,9 @@ def _data_lengths(cfg):
 
 
 def measure(cfg: RunConfig, examples: list[dict[str, list[int]]], pad_id: int, checkpointing: bool,
-            steps: int = 2) -> dict[str, Any]:
-    """Two real training steps on the longest batch, set up as `phitune train` sets it up.
+            steps: int = 2, rows: int | None = None) -> dict[str, Any]:
+    """Two real training steps on the longest batch (`rows` rows, default --batch_size; a dpo/orpo batch of B
+    pairs is measured as its 2B longest sequences), set up as `phitune train` sets it up.
 
     Returns {"peak_bytes", "step_s", "seq_len", "tokens", "how"}: on CUDA the allocator's peak; on CPU the
     parameters' bytes plus the peak rise of the process's resident memory during the steps."""
@@ -253,7 +279,7 @@ def measure(cfg: RunConfig, examples: list[dict[str, list[int]]], pad_id: int, c
     config = models.load_config(cfg.model.model, cfg.model.trust_remote_code)
     weights_dtype, compute_dtype = models.precision_plan(device, cfg.model.precision, config.model_type)
     quant = models.quantization_config(cfg.model.quantize, device)
-    longest = sorted(examples, key=lambda e: -len(e["input_ids"]))[:cfg.train.batch_size]
+    longest = sorted(examples, key=lambda e: -len(e["input_ids"]))[:rows or cfg.train.batch_size]
     batch = {k: v.to(device) for k, v in data.collate(longest, pad_id).items()}
     seq_len = batch["input_ids"].shape[1]
     model = models.load_model(cfg.model.model, weights_dtype, cfg.model.trust_remote_code, quant,

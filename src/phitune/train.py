@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from phitune.config import RunConfig, add_arguments, build_config
+from phitune.config import RunConfig, add_arguments, build_config, load_yaml
 from phitune.errors import ConfigError
 from phitune.training.loop import fit
 from phitune.training.setup import finish, setup
@@ -33,9 +33,19 @@ def main(args: argparse.Namespace) -> int | None:
         raise ConfigError("dataset_path", "is required: the JSONL file to train on")
     if not cfg.train.output_dir:
         raise ConfigError("output_dir", "is required: where the adapter and checkpoints go")
+    given = set(vars(args)) | (set(load_yaml(args.config)) if getattr(args, "config", None) else set())
+    resolve_base(cfg, model_given="model" in given)
     if cfg.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return launch(cfg.train.num_processes, args._argv)
     train(cfg)
+
+
+def resolve_base(cfg: RunConfig, model_given: bool) -> None:
+    """With --adapter_path and no --model, train on the base model the adapter records."""
+    if cfg.model.adapter_path and not model_given:
+        from phitune.models import adapters
+        meta = adapters.read_adapter_meta(cfg.model.adapter_path)
+        cfg.model.model = adapters.base_model_name(cfg.model.adapter_path, meta)
 
 
 def launch(n: int, given: list[str]) -> int:

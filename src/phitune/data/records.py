@@ -155,6 +155,8 @@ def detect_format(obj: dict[str, Any], path: str | Path, lineno: int | str | Non
     hints = [f"'{k}' (did you mean '{m[0]}'?)" for k in sorted(keys)
              if k not in known and (m := difflib.get_close_matches(k, known, n=1))]
     hint = f"; unknown key {', '.join(hints)}" if hints else ""
+    if {"chosen", "rejected"} & keys:
+        hint += "; this is preference data (chosen/rejected): train on it with --method dpo or --method orpo"
     raise DataError(path, lineno, f"no known record format in keys {sorted(keys)}{hint}; expected {FORMAT_HELP}")
 
 

@@ -26,7 +26,8 @@ from typing import Any
 
 from phitune.errors import ConfigError, DataError, PhituneError
 
-FIELDS = ("prompt", "response", "completion", "instruction", "input", "output", "messages", "text", "system")
+FIELDS = ("prompt", "response", "completion", "instruction", "input", "output", "messages", "text", "system",
+          "chosen", "rejected")  # the last two: preference pairs (data/pairs.py)
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "system": "system"}
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",

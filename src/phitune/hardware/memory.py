@@ -11,6 +11,7 @@ The API the planner (`phitune plan`), the training pre-flight and `--gradient_ch
     s = suggest(shape, lora, batch_size, accumulation, seq_len, checkpointing, capacity_bytes, ...)
     s.text  # "use --batch_size 2 --gradient_accumulation_steps 8: same effective batch, ~X GiB" (None if nothing fits)
     flops_per_token(shape, n_lora, seq_len, checkpointing, answer_fraction)
+    rows_per_example(method)                          # sequences one example puts in a batch: 2 for dpo/orpo pairs
     device_memory(device) -> (bytes available, description)
     preflight(config, lora, batch_size, accumulation, longest, checkpointing, weights_dtype, compute_dtype,
               device, capacity_bytes=None) -> warning text or None   # what `phitune train` prints before step 1
@@ -52,6 +53,14 @@ GIB = 2 ** 30
 # malloc; docs/planning.md). CUDA and MPS: the caching allocator's own figures, not measured here.
 SLACK = {"cpu": (1.6, 35 * 2 ** 20), "cuda": (1.15, 0), "mps": (1.3, 0)}
 HEAD_CHUNK = {"cpu": 256, "cuda": 2048, "mps": 2048}  # loss.CPU_CHUNK / loss.CHUNK
+# Sequences a training example puts through the model: a preference pair (DPO, ORPO) is its chosen and its
+# rejected answer in one forward, so a micro-batch of B pairs holds 2B rows.
+ROWS_PER_EXAMPLE = {"sft": 1, "dpo": 2, "orpo": 2}
+
+
+def rows_per_example(method: str | None) -> int:
+    """Rows one example of a `--method` run puts in a micro-batch (1 for sft, 2 for dpo/orpo pairs)."""
+    return ROWS_PER_EXAMPLE.get(method or "sft", 1)
 
 
 @dataclass
@@ -143,11 +152,13 @@ def _nbytes(dtype: torch.dtype) -> int:
 def estimate_memory(shape: ModelShape, lora: LoraArgs | int, batch_size: int, seq_len: int, checkpointing: bool,
                     weights_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu", quantize: str | None = None, attention: str | None = None,
-                    answer_fraction: float = 1.0, lora_dropout: float | None = None) -> Estimate:
+                    answer_fraction: float = 1.0, lora_dropout: float | None = None, rows_per_example: int = 1
+                    ) -> Estimate:
     """Estimated peak memory of one micro-batch (batch_size x seq_len tokens) forward + backward + AdamW step.
 
     attention: "eager" (probabilities kept, T x T per head) or "sdpa" (only the log-sum-exp kept); default:
     what phitune uses on `device` for this length. answer_fraction: share of positions that reach the loss head.
+    rows_per_example: sequences per example (2 for a DPO/ORPO pair: batch_size pairs are 2 x batch_size rows).
     """
     device = getattr(device, "type", device)
     short, lora_layers, trainable = lora_targets(shape, lora)
@@ -159,7 +170,7 @@ def estimate_memory(shape: ModelShape, lora: LoraArgs | int, batch_size: int, se
     # residual stream: follows the weights; fp32 when quantized (PEFT's k-bit preparation upcasts the rest)
     rb = _nbytes(weights_dtype) if not quantize else 4
     d, f, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
-    n = batch_size * seq_len
+    n = batch_size * rows_per_example * seq_len
     fused_cpu = device == "cpu" and a == 2 and not quantize  # phitune's fused bf16 LoRA layers (cpu_lora.py)
     if attention is None:
         attention = "eager" if device == "cpu" and seq_len <= CPU_EAGER_MAX_LEN else "sdpa"
@@ -295,9 +306,10 @@ def parse_bytes(text: str | int) -> int:
 
 def preflight(config: PretrainedConfig, lora: LoraArgs | int, batch_size: int, accumulation: int, longest: int,
               checkpointing: bool, weights_dtype: torch.dtype, compute_dtype: torch.dtype | None,
-              device: torch.device | str, capacity_bytes: int | None = None, quantize: str | None = None) -> str | None:
+              device: torch.device | str, capacity_bytes: int | None = None, quantize: str | None = None,
+              rows_per_example: int = 1) -> str | None:
     """A warning with a fitting suggestion when the run's estimated peak is beyond 90% of the device's memory;
-    None when it fits (or the device's memory is unknown)."""
+    None when it fits (or the device's memory is unknown). rows_per_example: 2 for DPO/ORPO pairs."""
     device = getattr(device, "type", device)
     if capacity_bytes is None:
         try:
@@ -308,11 +320,13 @@ def preflight(config: PretrainedConfig, lora: LoraArgs | int, batch_size: int, a
         shape = model_shape(config)
     except Exception:  # an architecture transformers cannot build from its config alone: no estimate, no block
         return None
-    kw = dict(weights_dtype=weights_dtype, compute_dtype=compute_dtype, device=device, quantize=quantize)
+    kw = dict(weights_dtype=weights_dtype, compute_dtype=compute_dtype, device=device, quantize=quantize,
+              rows_per_example=rows_per_example)
     est = estimate_memory(shape, lora, batch_size, longest, checkpointing, **kw)
     if fits(est, capacity_bytes):
         return None
     s = suggest(shape, lora, batch_size, accumulation, longest, checkpointing, capacity_bytes, **kw)
     fix = s.text if s else "lower --max_length, or use --quantize 4bit on CUDA"
-    return (f"warning: this run needs about {est.total_gib:.1f} GiB at its longest batch ({batch_size} x {longest} "
+    rows = f"{batch_size} pairs = {batch_size * rows_per_example} rows" if rows_per_example > 1 else f"{batch_size}"
+    return (f"warning: this run needs about {est.total_gib:.1f} GiB at its longest batch ({rows} x {longest} "
             f"tokens) and {device} has {capacity_bytes / GIB:.1f} GiB; {fix}")

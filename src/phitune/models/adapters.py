@@ -193,15 +193,37 @@ def check_base(path: str | Path, meta: dict[str, Any], config: PretrainedConfig,
 
 
 def load_adapter(base_model: PreTrainedModel | PeftModel, path: str | Path, meta: dict[str, Any] | None = None,
-                 adapter_name: str = "default") -> PeftModel:
-    """Attach a saved adapter to `base_model`, checking that it was trained on this architecture and width."""
+                 adapter_name: str = "default", trainable: bool = False) -> PeftModel:
+    """Attach a saved adapter to `base_model`, checking that it was trained on this architecture and width;
+    trainable=True keeps its LoRA weights trainable (to train it further), else they are frozen."""
     from peft import PeftModel
     meta = read_adapter_meta(path) if meta is None else meta
     check_base(path, meta, base_model.config)
     try:
         if isinstance(base_model, PeftModel):
-            base_model.load_adapter(str(path), adapter_name=adapter_name)
+            base_model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=trainable)
             return base_model
-        return PeftModel.from_pretrained(base_model, str(path), adapter_name=adapter_name)
+        return PeftModel.from_pretrained(base_model, str(path), adapter_name=adapter_name, is_trainable=trainable)
     except Exception as e:  # safetensors/PEFT raise many types for corrupt files
         raise PhituneError(f"{path}: cannot load the adapter: {str(e).splitlines()[0][:200]}") from None
+
+
+def lora_shape(path: str | Path) -> dict[str, Any]:
+    """The LoRA shape of a saved adapter as LoraArgs fields (lora_r, lora_alpha, lora_dropout, target_modules as
+    short names, layers as a spec or None for all, use_dora, use_rslora), read from its adapter_config.json."""
+    cfg_file = Path(path) / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PhituneError(f"{cfg_file}: unreadable ({e})") from None
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    layers = sorted({int(m.group(1)) for t in targets if (m := _LAYER_RE.search(f".{t}."))})
+    layer_spec = cfg.get("layers_to_transform")
+    if layer_spec is not None:
+        layers = sorted([layer_spec] if isinstance(layer_spec, int) else layer_spec)
+    return {"lora_r": int(cfg.get("r", 8)), "lora_alpha": float(cfg.get("lora_alpha", 8)),
+            "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
+            "target_modules": sorted({t.rsplit(".", 1)[-1] for t in targets}) or ["all"],
+            "layers": ",".join(map(str, layers)) if layers else None,
+            "use_dora": bool(cfg.get("use_dora", False)), "use_rslora": bool(cfg.get("use_rslora", False))}

@@ -1,6 +1,8 @@
 """The training loop: step, validate, checkpoint. Everything it needs comes built in a Run (train_setup.py).
 
 One iteration is one optimizer step over gradient_accumulation_steps micro-batches on every process.
+sft averages the loss over the step's trained tokens; dpo/orpo (run.objective) over the step's pairs (and
+ORPO's NLL over the chosen answers' tokens), and log preference metrics (training/preference.py).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 from phitune.data import records as data
 from phitune.errors import PhituneError
 from phitune.models import loading as models
-from phitune.training import checkpoints
+from phitune.training import checkpoints, preference
 from phitune.training.loss import summed_loss
 from phitune.training.report import ppl
 from phitune.training.setup import Run, enable_checkpointing
@@ -29,7 +31,7 @@ def fit(run: Run) -> Optional[str]:
     Ctrl-C saves the last completed step (its RNG state as of the end of that step, so --resume
     continues exactly as an uninterrupted run would) and re-raises KeyboardInterrupt."""
     t, p, acc = run.cfg.train, run.progress, run.accelerator
-    lengths = [len(e["input_ids"]) for e in run.train_set]
+    lengths = run.lengths()
     bar = tqdm(total=run.total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not acc.is_main_process)
     start, nonfinite, split, stop_reason = p.step, 0, 1, None
@@ -48,11 +50,19 @@ def fit(run: Run) -> Optional[str]:
             local = torch.tensor(weight * sum(int((m["labels"][:, 1:] != data.IGNORE).sum()) for m in micro),
                                  device=run.device)
             step_tokens = acc.reduce(local, "sum").clamp(min=1)
-            step_loss, seen, split = _step_with_retry(run, micro, weight, split, step_tokens, step)
+            # dpo/orpo: the step's pairs and NLL tokens, over which their loss terms are averaged
+            norms = None if run.objective is None else acc.reduce(
+                (weight * sum(run.objective.norms(m) for m in micro)).to(run.device), "sum")
+            step_loss, seen, split = _step_with_retry(run, micro, weight, split,
+                                                      step_tokens if norms is None else norms, step)
             p.tokens += seen
             p.answer_tokens += int(step_tokens)
             grad_norm = acc.clip_grad_norm_(run.trainable, t.max_grad_norm) if t.max_grad_norm else torch.zeros(())
-            step_loss = acc.reduce(step_loss, "sum") / step_tokens
+            if run.objective is None:
+                step_loss, shown = acc.reduce(step_loss, "sum") / step_tokens, {}
+            else:  # step_loss holds the summed preference statistics of this process
+                shown = run.objective.metrics(acc.reduce(step_loss, "sum"))
+                step_loss = torch.tensor(shown.pop("loss"))
             lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
             finite = bool(torch.isfinite(step_loss) and torch.isfinite(torch.as_tensor(grad_norm)))
             with _interrupt_after():  # Ctrl-C here would leave the weights a step ahead of p.step
@@ -73,10 +83,14 @@ def fit(run: Run) -> Optional[str]:
             else:
                 nonfinite = 0
                 speed = (p.tokens - tokens_at_start) / max(time.perf_counter() - run_start, 1e-9)
-                bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+                if run.objective is None:
+                    bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+                else:
+                    bar.set_postfix(loss=f"{step_loss.item():.4f}", margin=f"{shown['margin']:.3f}",
+                                    acc=f"{shown['accuracy']:.2f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
                 if step % t.logging_steps == 0:
-                    run.record(step=step, epoch=round(step / run.steps_per_epoch, 4), loss=step_loss.item(), lr=lr,
-                               grad_norm=float(grad_norm), tokens=p.tokens, answer_tokens=p.answer_tokens,
+                    run.record(step=step, epoch=round(step / run.steps_per_epoch, 4), loss=step_loss.item(), **shown,
+                               lr=lr, grad_norm=float(grad_norm), tokens=p.tokens, answer_tokens=p.answer_tokens,
                                tokens_per_s=speed, seconds=p.seconds)
             # A skipped step still ends its epoch (or the run): validation and the checkpoint happen as planned.
             epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
@@ -124,7 +138,7 @@ def _my_micro_batches(run, batches, index):
     group = run.cfg.train.gradient_accumulation_steps * world
     step_batches = batches[index * group:(index + 1) * group]
     mine = step_batches[rank::world]
-    collate = lambda b: _to(data.collate([run.train_set[i] for i in b], run.tokenizer.pad_token_id), run.device)  # noqa: E731
+    collate = lambda b: _to(run.collate(b), run.device)  # noqa: E731
     return ([collate(b) for b in mine], 1.0) if mine else ([collate(step_batches[0][:1])], 0.0)
 
 
@@ -158,6 +172,8 @@ def _step_with_retry(run, micro, weight, split, step_tokens, step):
 def _forward_backward(run, micro, weight, split, step_tokens):
     """Forward and backward over one step's micro-batches, each cut into `split` row chunks, the loss
     scaled by `weight` (0 for a stand-in batch). Returns (summed loss of this process, tokens seen)."""
+    if run.objective is not None:
+        return _forward_backward_pairs(run, micro, weight, split, step_tokens)
     acc, world = run.accelerator, run.accelerator.num_processes
     pieces = [chunk for m in micro for chunk in _rows(m, split)]
     total, tokens = torch.zeros((), device=run.device), 0
@@ -172,15 +188,63 @@ def _forward_backward(run, micro, weight, split, step_tokens):
     return total, tokens
 
 
+def _forward_backward_pairs(run, micro, weight, split, norms):
+    """_forward_backward for dpo/orpo: `norms` holds the step's (pairs, NLL tokens) over all processes.
+    Returns (summed preference statistics of this process, in preference.STATS order; tokens seen)."""
+    acc, world, objective = run.accelerator, run.accelerator.num_processes, run.objective
+    pieces = [piece for m in micro for piece in preference.split_pairs(m, split)]
+    total, tokens = torch.zeros(len(preference.STATS), dtype=torch.float64, device=run.device), 0
+    for i, batch in enumerate(pieces):
+        last = i == len(pieces) - 1  # DDP syncs gradients once, after the last piece
+        with (nullcontext() if last else acc.no_sync(run.loss_model)), \
+                models.autocast(run.device, run.plan.autocast_dtype):
+            out = run.loss_model(**preference.model_inputs(batch))
+        pair_loss, nll_sum, stats = objective.terms(out, batch.get("ref_logps"))
+        acc.backward(objective.loss(pair_loss, nll_sum, norms[0], norms[1]) * (weight * world))
+        total += weight * stats.double()
+        tokens += int(weight * batch["attention_mask"].sum()) * world
+    return total, tokens
+
+
 def _validate_and_keep_best(run, step):
     """Validation loss over all processes; saves best_adapter/ on improvement. Returns a stop reason."""
-    t, p = run.cfg.train, run.progress
+    t = run.cfg.train
+    if run.objective is not None:
+        return _validate_pairs(run, step)
     run.loss_model.eval()
     with models.autocast(run.device, run.plan.autocast_dtype):
         total, count = summed_loss(run.loss_model, run.val_set, t.batch_size, run.tokenizer.pad_token_id,
                                    run.device, run.accelerator.process_index, run.accelerator.num_processes)
     run.loss_model.train()
     val_loss = (run.accelerator.reduce(total, "sum") / run.accelerator.reduce(count, "sum")).item()
+    improved = _keep_if_best(run, step, val_loss)
+    run.record(step=step, epoch=round(step / run.steps_per_epoch, 4), val_loss=val_loss, val_ppl=ppl(val_loss))
+    run.log(f"step {step}: validation loss {val_loss:.4f} (perplexity {ppl(val_loss):.2f})"
+            + (" best so far" if improved else ""))
+    return _early_stop(run)
+
+
+def _validate_pairs(run, step):
+    """Validation of dpo/orpo on the held-out pairs: the step's metrics (val_loss, val_accuracy, ...) over
+    all processes; the best adapter is chosen on val_loss."""
+    t, acc = run.cfg.train, run.accelerator
+    run.loss_model.eval()
+    with models.autocast(run.device, run.plan.autocast_dtype):
+        stats = preference.pair_stats(run.pair_module, run.objective, run.val_set, run.reference.get("val"),
+                                      t.batch_size, run.tokenizer.pad_token_id, run.device, acc.process_index,
+                                      acc.num_processes, nll_on_prompt=run.cfg.data.train_on_prompt)
+    run.loss_model.train()
+    shown = run.objective.metrics(acc.reduce(stats, "sum"), prefix="val_")
+    improved = _keep_if_best(run, step, shown["val_loss"])
+    run.record(step=step, epoch=round(step / run.steps_per_epoch, 4), **shown)
+    run.log(f"step {step}: validation loss {shown['val_loss']:.4f}, preference accuracy {shown['val_accuracy']:.3f}, "
+            f"margin {shown['val_margin']:.4f}" + (" best so far" if improved else ""))
+    return _early_stop(run)
+
+
+def _keep_if_best(run, step, val_loss):
+    """Save best_adapter/ when val_loss improves on the best so far; returns whether it did."""
+    p = run.progress
     improved = p.best_val is None or val_loss < p.best_val
     if improved:
         p.best_val, p.best_step, p.bad_evals = val_loss, step, 0
@@ -189,9 +253,11 @@ def _validate_and_keep_best(run, step):
                 d, safe_serialization=True, save_embedding_layers=False))
     else:
         p.bad_evals += 1
-    run.record(step=step, epoch=round(step / run.steps_per_epoch, 4), val_loss=val_loss, val_ppl=ppl(val_loss))
-    run.log(f"step {step}: validation loss {val_loss:.4f} (perplexity {ppl(val_loss):.2f})"
-            + (" best so far" if improved else ""))
+    return improved
+
+
+def _early_stop(run):
+    t, p = run.cfg.train, run.progress
     if t.early_stopping_patience and p.bad_evals >= t.early_stopping_patience:
         return f"early stopping: no better validation loss for {p.bad_evals} evaluations"
     return None

@@ -92,35 +92,7 @@ class _HeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, wanted, with_grad):
-        h = hidden.to(weight.dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(h) if with_grad else None
-        chunk = CPU_CHUNK if h.device.type == "cpu" else CHUNK
-        low = fp32 = None  # per-chunk buffers, reused: fresh ones cost page faults on every chunk on CPU
-        for start in range(0, h.shape[0], chunk):
-            rows = h[start:start + chunk]
-            if fp32 is None or fp32.shape[0] != rows.shape[0]:
-                fp32 = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
-                low = fp32 if weight.dtype == torch.float32 else torch.empty_like(fp32, dtype=weight.dtype)
-            if bias is None:
-                torch.mm(rows, weight.t(), out=low)
-            else:
-                torch.addmm(bias, rows, weight.t(), out=low)
-            if low is not fp32:
-                fp32.copy_(low)
-            logits = fp32  # (n, vocab)
-            target = wanted[start:start + chunk, None]
-            picked = logits.gather(1, target)
-            top = logits.amax(dim=-1, keepdim=True)
-            exps = logits.sub_(top).exp_()
-            norm = exps.sum(dim=-1, keepdim=True)
-            total += (top + norm.log() - picked).sum()
-            if with_grad:
-                probs = exps.div_(norm)
-                probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
-                if low is not fp32:
-                    low.copy_(probs)
-                torch.mm(low, weight, out=grad[start:start + chunk])
+        total, grad = _head_cross_entropy(hidden, weight, bias, wanted, with_grad, per_token=False)
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         return total
@@ -129,6 +101,65 @@ class _HeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
         return (grad * grad_total.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None
+
+
+class _HeadTokenLoss(torch.autograd.Function):
+    """_HeadLoss per token: the cross-entropy of each row of `hidden` (N,), fp32, for a frozen head.
+
+    For losses that weigh tokens by sequence (preference tuning sums log-probs per answer): backward
+    scales each row's precomputed gradient by that token's incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, wanted, with_grad):
+        losses, grad = _head_cross_entropy(hidden, weight, bias, wanted, with_grad, per_token=True)
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_losses.to(grad.dtype)[:, None]).to(ctx.hidden_dtype), None, None, None, None
+
+
+def _head_cross_entropy(hidden, weight, bias, wanted, with_grad, per_token):
+    """(summed or per-token fp32 cross-entropy, gradient of each token's loss w.r.t. its hidden row or None)."""
+    h = hidden.to(weight.dtype)
+    if per_token:
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device)
+    else:
+        out = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad = torch.empty_like(h) if with_grad else None
+    chunk = CPU_CHUNK if h.device.type == "cpu" else CHUNK
+    low = fp32 = None  # per-chunk buffers, reused: fresh ones cost page faults on every chunk on CPU
+    for start in range(0, h.shape[0], chunk):
+        rows = h[start:start + chunk]
+        if fp32 is None or fp32.shape[0] != rows.shape[0]:
+            fp32 = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
+            low = fp32 if weight.dtype == torch.float32 else torch.empty_like(fp32, dtype=weight.dtype)
+        if bias is None:
+            torch.mm(rows, weight.t(), out=low)
+        else:
+            torch.addmm(bias, rows, weight.t(), out=low)
+        if low is not fp32:
+            fp32.copy_(low)
+        logits = fp32  # (n, vocab)
+        target = wanted[start:start + chunk, None]
+        picked = logits.gather(1, target)
+        top = logits.amax(dim=-1, keepdim=True)
+        exps = logits.sub_(top).exp_()
+        norm = exps.sum(dim=-1, keepdim=True)
+        if per_token:
+            out[start:start + chunk] = (top + norm.log() - picked).squeeze(1)
+        else:
+            out += (top + norm.log() - picked).sum()
+        if with_grad:
+            probs = exps.div_(norm)
+            probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+            if low is not fp32:
+                low.copy_(probs)
+            torch.mm(low, weight, out=grad[start:start + chunk])
+    return out, grad
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ class MetricsLog:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
-    def plot(self) -> None:
+    def plot(self, ylabel: str = "loss (nats per answer token)") -> None:
         """Draw train and validation loss against the step into loss.png beside metrics.jsonl."""
         import matplotlib
         matplotlib.use("Agg")
@@ -40,7 +40,7 @@ class MetricsLog:
         if val:
             ax.plot(*zip(*val), "o-", label="validation loss")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats per answer token)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
