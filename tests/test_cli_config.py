@@ -115,3 +115,10 @@ def test_boolean_flags_are_name_and_no_name_with_old_spellings_hidden(capsys):
     serve = _help("serve", capsys)
     assert "--api_key" in serve and "--api-key" not in serve
     assert "--no_no_" not in _help("eval", capsys)
+
+
+def test_train_names_its_missing_required_flags(capfd):
+    assert run_cli("train", "--output_dir", "/tmp/nowhere-phitune") == 2
+    assert "--dataset_path is required" in capfd.readouterr().err
+    assert run_cli("train", "--dataset_path", "x.jsonl") == 2
+    assert "--output_dir is required" in capfd.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phitune.config import RunConfig, add_arguments, build_config, load_yaml
-from phitune.errors import ConfigError
+from phitune.errors import PhituneError
 from phitune.training.loop import fit
 from phitune.training.setup import finish, setup
 
@@ -30,9 +30,10 @@ def main(args: argparse.Namespace) -> int | None:
     parts = build_config(args)
     cfg = RunConfig(**parts)
     if not cfg.data.dataset_path:
-        raise ConfigError("dataset_path", "is required: the JSONL file to train on")
+        raise PhituneError("--dataset_path is required (or dataset_path: in the --config file): the data to train on")
     if not cfg.train.output_dir:
-        raise ConfigError("output_dir", "is required: where the adapter and checkpoints go")
+        raise PhituneError("--output_dir is required (or output_dir: in the --config file): where the adapter and "
+                           "checkpoints go")
     given = set(vars(args)) | (set(load_yaml(args.config)) if getattr(args, "config", None) else set())
     resolve_base(cfg, model_given="model" in given)
     if cfg.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
