@@ -102,7 +102,8 @@ def normalise_pair(obj: Any, path: str | Path, loc: int | str | None) -> tuple[d
     chosen, rejected = _cell(obj["chosen"]), _cell(obj["rejected"])
     prompt = _cell(obj["prompt"]) if obj.get("prompt") is not None else None
     if isinstance(chosen, list) or isinstance(rejected, list) or isinstance(prompt, list):
-        pair, form = _conversational(prompt, chosen, rejected, path, loc), "preference_conversational"
+        pair, form = _conversational(prompt, chosen, rejected, path, loc, obj.get("system")), \
+            "preference_conversational"
     else:
         for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             if value is None:
@@ -166,7 +167,7 @@ def _answer(turns: list[dict[str, str]], key: str, path: str | Path, loc: int | 
     return turns[0]["content"]
 
 
-def _conversational(prompt, chosen, rejected, path, loc):
+def _conversational(prompt, chosen, rejected, path, loc, system=None):
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, list):
             raise DataError(path, loc, f"'{key}' must be a list of messages like the other fields of this record "
@@ -177,10 +178,21 @@ def _conversational(prompt, chosen, rejected, path, loc):
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
             shared += 1
         messages, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if len(chosen) > 1 or len(rejected) > 1:
+            raise DataError(path, loc, "'chosen' and 'rejected' must be the same conversation up to their final "
+                                       "assistant answer (or give the shared turns as 'prompt')")
     else:
         messages = _messages(prompt, "prompt", path, loc)
     if not messages or messages[-1]["role"] != "user":
         raise DataError(path, loc, "the prompt must end with a user turn (the one both answers reply to)")
+    if system is not None:  # a top-level system, as on the string form
+        if not isinstance(system, str):
+            raise DataError(path, loc, f"'system' must be a string, got {type(system).__name__}")
+        if system.strip() and messages[0]["role"] == "system":
+            raise DataError(path, loc, "'system' is given twice: as a field and as the prompt's first message; "
+                                       "keep one of them")
+        if system.strip():
+            messages = [{"role": "system", "content": system}] + messages
     for i, m in enumerate(messages):
         if m["role"] == "system" and i != 0:
             raise DataError(path, loc, f"prompt[{i}]: a system message may only come first")

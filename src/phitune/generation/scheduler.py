@@ -34,6 +34,8 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         """Queue a request; raises Busy at once when max_queue requests are already waiting."""
         with self._wake:
+            if self._closed:  # the generation thread is gone (or going): nobody would ever answer
+                raise Busy("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise Busy(f"{len(self._waiting)} requests are waiting")
             self._waiting.append(request)

@@ -9,6 +9,7 @@ included), and a token that holds only part of a character gets its bytes from t
 from __future__ import annotations
 
 import copy
+import math
 import re
 from functools import lru_cache
 from typing import Optional
@@ -82,7 +83,8 @@ class TokenTexts:
 
 
 def _finite(x: float) -> float:
-    return max(float(x), FLOOR)
+    x = float(x)
+    return x if math.isfinite(x) and x > FLOOR else FLOOR  # NaN too: strict JSON has no NaN
 
 
 def chat_content(entries: list) -> list:

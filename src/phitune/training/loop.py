@@ -270,7 +270,7 @@ def _save(run, step, rng):
         rng = {**(rng or checkpoints.rng_state()), "ranks": gather_object([rng or checkpoints.rng_state()])}
     if run.accelerator.is_main_process:
         try:
-            checkpoints.save(run.out, step, run.model, run.optimizer, run.scheduler, run.progress.to_dict(),
+            checkpoints.save(run.out, step, run.model, run.optimizer, run.scheduler, _state(run),
                              run.cfg.train.save_total_limit, rng=rng)
         except OSError as e:
             raise PhituneError(f"could not write checkpoint-{step} in {run.out} ({e.strerror or e}); the checkpoints "
@@ -295,3 +295,9 @@ def _free_memory(device):
 
 def _to(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _state(run) -> dict:
+    """What a checkpoint's state.json holds: the progress, and the method that wrote it (--resume checks it)."""
+    t = run.cfg.train
+    return {**run.progress.to_dict(), "method": t.method, **({"beta": t.beta} if t.method != "sft" else {})}

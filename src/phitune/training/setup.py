@@ -12,6 +12,7 @@ which --resume reads back instead of recomputing them from weights that have tra
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -227,11 +228,13 @@ def setup(cfg: RunConfig) -> Run:
     run = Run(cfg, out, accelerator, plan, tokenizer, template, fmt, train_set, val_set, train_stats, model,
               loss_model, trainable, n_trainable, targets, optimizer, scheduler, steps_per_epoch, total_steps,
               model_config, trackers=trackers, objective=objective, pair_module=pair_module)
+    ckpt = checkpoints.latest(out) if t.resume else None
+    if ckpt is not None:
+        _check_same_method(ckpt, t)
     if method == "dpo":  # before a checkpoint is loaded: the reference is the model as training starts
         run.reference = _reference_logps(run, out, t.resume)
 
     # ---- resume
-    ckpt = checkpoints.latest(out) if t.resume else None
     if ckpt is not None:
         saved = checkpoints.load(ckpt, model, optimizer, scheduler, rank=accelerator.process_index)
         run.progress = Progress(**{k: v for k, v in saved.items() if k in Progress.__dataclass_fields__})
@@ -375,6 +378,18 @@ def _start_adapter(cfg):
 REFERENCE_FILE = "reference_logps.pt"
 
 
+def _check_same_method(ckpt: Path, t) -> None:
+    """A checkpoint continues only the kind of training that wrote it: resuming an SFT run with --method dpo
+    would take a reference from the wrong starting point and carry the step count over."""
+    state = json.loads((ckpt / "state.json").read_text())
+    was, beta = state.get("method", "sft"), state.get("beta")
+    if was != t.method or (was != "sft" and beta is not None and beta != t.beta):
+        then = f"--method {was}" + (f" --beta {beta:g}" if was != "sft" and beta is not None else "")
+        now = f"--method {t.method}" + (f" --beta {t.beta:g}" if t.method != "sft" else "")
+        raise PhituneError(f"{ckpt} was written by a {then} run; this one is {now}. Resume with {then}, or "
+                           f"train into a new --output_dir")
+
+
 def _reference_logps(run, out, resume):
     """DPO's reference log-probs of every training and validation pair: read back on --resume, else computed
     now from the model as training starts (eval mode: no dropout; the loop's forward and autocast), each
@@ -383,15 +398,19 @@ def _reference_logps(run, out, resume):
     path = out / REFERENCE_FILE
     marks = {"train": pair_data.fingerprint(run.train_set), "val": pair_data.fingerprint(run.val_set)}
     start = run.cfg.model.adapter_path or "the base model (new adapter)"
+    start_key = str(Path(start).resolve()) if run.cfg.model.adapter_path else start  # however it is spelled
     if resume and path.is_file():
         try:
             saved = torch.load(path, weights_only=True)
         except Exception as e:  # a truncated or foreign file
             raise PhituneError(f"{path}: unreadable ({str(e).splitlines()[0][:120]}); delete it and the "
                                f"checkpoints to start over") from None
-        if saved.get("fingerprint") != marks or saved.get("start") != str(start):
+        if saved.get("fingerprint") != marks:
             raise PhituneError(f"{path}: these reference log-probs belong to other data than this run's; resume "
                                f"with the same data and settings, or use a new --output_dir")
+        if saved.get("start") not in (start_key, str(start)):
+            raise PhituneError(f"{path}: these reference log-probs were computed from {saved.get('start')}, not "
+                               f"from {start}; resume with the same --adapter_path, or use a new --output_dir")
         run.log(f"reference: log-probs of {len(run.train_set)} training and {len(run.val_set)} validation pairs "
                 f"read back from {path} (computed before step 1 from {start})")
         return {"train": saved["train"], "val": saved["val"]}
@@ -410,7 +429,7 @@ def _reference_logps(run, out, resume):
         module.train()
     if acc.is_main_process:
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({**result, "fingerprint": marks, "start": str(start)}, tmp)
+        torch.save({**result, "fingerprint": marks, "start": start_key}, tmp)
         os.replace(tmp, path)
     acc.wait_for_everyone()
     run.log(f"reference: {start}; its log-probs of {len(run.train_set)} training and {len(run.val_set)} "
