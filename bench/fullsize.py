@@ -49,6 +49,11 @@ WORDS = ("the river eagle coffee shop food french english rating price area city
          "restaurant serves cheap moderate high low customer five stars located children welcome pub chinese "
          "indian italian japanese fast burger wine bar riverside station market garden view").split()
 GIB = 2 ** 30
+# Memory each command needs, in bytes per model parameter beyond the runtime, for the guard that skips a
+# step this machine cannot hold now (instead of waking the OOM killer on a shared machine): every command
+# loads the weights in fp32 first; merge keeps its bf16 copy while it reloads the written model in fp32,
+# export holds the encoded file (f16) beside the fp32 model.
+NEED = {"train": 4, "merge": 6, "chat": 4, "compare": 4, "serve": 4, "export": 6}
 
 
 def shared_models() -> Path:
@@ -188,6 +193,10 @@ def _wait(p: subprocess.Popen, timeout: float) -> dict:
     return {"rc": p.returncode, "peak_rss": rusage.ru_maxrss * 1024, "peak_anon": anon.peak}
 
 
+def _mem(r: dict) -> dict:
+    return {k: r[k] for k in ("rc", "seconds", "peak_rss", "peak_anon")}
+
+
 def phitune(*args, label: str, **kw) -> dict:
     r = run([sys.executable, "-m", "phitune", *args], label, **kw)
     if r["rc"] != 0:
@@ -206,15 +215,36 @@ def _num(pattern: str, text: str) -> float | None:
 
 # ---------------------------------------------------------------- the steps
 
-def step_plan(cfg_dir: Path, work: Path, shapes=SHAPES) -> list:
+def room(need: float, force: bool) -> str | None:
+    """None when `need` bytes fit in 95% of the memory available now (or force); else why the step is skipped."""
+    import psutil
+    available = psutil.virtual_memory().available
+    if force or need <= 0.95 * available:
+        return None
+    return f"skipped: needs ~{need / GIB:.1f} GiB, {available / GIB:.1f} GiB available (--force runs it anyway)"
+
+
+def params(model: Path) -> int:
+    from phitune.hardware import memory
+    from phitune.models import loading
+    return memory.model_shape(loading.load_config(str(model))).params
+
+
+def step_plan(cfg_dir: Path, work: Path, shapes=SHAPES, force: bool = False) -> list:
     """plan --measure at each shape on the config-only directory, with the train pre-flight's estimate."""
     rows = []
     for batch, tokens in shapes:
+        skip = room(preflight_estimate(cfg_dir, batch, tokens), force)
+        if skip:
+            rows.append({"batch": batch, "tokens": tokens, "skipped": skip})
+            continue
         data = dataset(cfg_dir, tokens, 4 * batch, work / f"data-{tokens}.jsonl")
         r = phitune("plan", "--model", cfg_dir, "--dataset_path", data, "--batch_size", batch, "--max_length",
-                    tokens, "--val_split", 0, "--measure", label=f"plan-{batch}x{tokens}")
+                    tokens, "--val_split", 0, "--gradient_checkpointing", "false", "--measure",
+                    label=f"plan-{batch}x{tokens}")
         text = r["stdout"]
         row = {"batch": batch, "tokens": tokens, "rc": r["rc"], "process_peak_rss": r["peak_rss"],
+               "process_peak_anon": r["peak_anon"],
                "seconds": r["seconds"],
                "measured_peak": _num(r"peak ([\d.]+) (GiB|MiB) vs", text),
                "estimated_peak": _num(r"vs estimated ([\d.]+) (GiB|MiB)", text),
@@ -254,8 +284,8 @@ def step_train(built: Path, cfg_dir: Path, work: Path) -> dict:
         if (out / "metrics.jsonl").is_file() else []
     est = preflight_estimate(built, batch, tokens)
     secs = [m["seconds"] for m in metrics if "loss" in m]
-    return {"rc": r["rc"], "batch": batch, "tokens": tokens, "seconds": r["seconds"], "peak_rss": r["peak_rss"],
-            "preflight_estimate": est, "preflight_error": round(est / r["peak_rss"] - 1, 3) if r["peak_rss"] else None,
+    return {**_mem(r), "batch": batch, "tokens": tokens,
+            "preflight_estimate": est, "preflight_error": round(est / r["peak_anon"] - 1, 3) if r["rc"] == 0 else None,
             "header": header, "adapter": str(out / "final_adapter"),
             "adapter_written": (out / "final_adapter" / "adapter_model.safetensors").is_file(),
             "step_s": [round(b - a, 1) for a, b in zip([0] + secs, secs)],
@@ -268,12 +298,12 @@ def step_merge(adapter: str, work: Path) -> dict:
     r = phitune("merge", "--adapter_path", adapter, "--output_dir", out, "--dtype", "bfloat16", label="merge")
     check = next((ln for ln in r["stdout"].splitlines() if ln.startswith("check:")), None)
     shutil.rmtree(out, ignore_errors=True)
-    return {"rc": r["rc"], "seconds": r["seconds"], "peak_rss": r["peak_rss"], "check": check, "dtype": "bfloat16"}
+    return {**_mem(r), "check": check, "dtype": "bfloat16"}
 
 
 def step_chat(adapter: str) -> dict:
     r = phitune("chat", "--adapter_path", adapter, "--prompt", PROMPTS[1], "--max_new_tokens", 16, label="chat")
-    return {"rc": r["rc"], "seconds": r["seconds"], "peak_rss": r["peak_rss"], "answer": r["stdout"].strip()[:200]}
+    return {**_mem(r), "answer": r["stdout"].strip()[:200]}
 
 
 def step_compare(adapter: str, work: Path) -> dict:
@@ -281,7 +311,7 @@ def step_compare(adapter: str, work: Path) -> dict:
     q.write_text("questions:\n" + "".join(f"  - {json.dumps(p)}\n" for p in PROMPTS[:2]))
     r = phitune("compare", "--adapter_path", adapter, "--questions", q, "--max_new_tokens", 16, "--no_color",
                 label="compare")
-    return {"rc": r["rc"], "seconds": r["seconds"], "peak_rss": r["peak_rss"], "questions": 2,
+    return {**_mem(r), "questions": 2,
             "output_lines": len(r["stdout"].splitlines())}
 
 
@@ -335,11 +365,11 @@ def step_export(adapter: str, work: Path) -> dict:
         files[outtype] = work / f"model-{outtype}.gguf"
         r = phitune("export", "--adapter_path", adapter, "--output", files[outtype], "--outtype", outtype,
                     label=f"export-{outtype}")
-        res[outtype] = {"rc": r["rc"], "seconds": r["seconds"], "peak_rss": r["peak_rss"],
+        res[outtype] = {"rc": r["rc"], "seconds": r["seconds"], "peak_rss": r["peak_rss"], "peak_anon": r["peak_anon"],
                         "size": files[outtype].stat().st_size if files[outtype].is_file() else None}
     ref = work / "reference"
     r = run([sys.executable, __file__, "--reference", adapter, "--work", ref], "reference")
-    res["reference"] = {"rc": r["rc"], "seconds": r["seconds"], "peak_rss": r["peak_rss"]}
+    res["reference"] = _mem(r)
     if r["rc"] != 0:
         print(f"fullsize: reference failed:\n{r['stderr'][-3000:]}", file=sys.stderr)
         return res
@@ -391,7 +421,7 @@ def _node(request: dict, label: str) -> dict:
     req.unlink()
     if r["rc"] != 0:
         return {"error": r["stderr"][-2000:]}
-    return {"answer": json.loads(r["stdout"]), "peak_rss": r["peak_rss"], "seconds": r["seconds"]}
+    return {"answer": json.loads(r["stdout"]), **_mem(r)}
 
 
 def reference(adapter: str, work: Path) -> None:
@@ -442,34 +472,55 @@ def gib(n) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"CPU: {report['cpu']['model']}, {report['cpu']['cores']} cores, avx512_bf16 "
-             f"{report['cpu']['avx512_bf16']}, amx {report['cpu']['amx']}; layers: {report['layers'] or 'full'}",
-             "", "| model | batch x tokens | estimated GiB | pre-flight GiB | measured GiB | error | process peak GiB "
-             "| step s (est / measured) |", "|---|---|---|---|---|---|---|---|"]
+    """The report as markdown: plan estimates vs measured, each command's memory, llama.cpp agreement."""
+    c = report["cpu"]
+    lines = [f"CPU: {c['model']}, {c['cores']} cores, {c['ram_gib']} GiB, avx512_bf16 {c['avx512_bf16']}, "
+             f"amx {c['amx']}; decoder layers: {report['layers'] or 'all (full size)'}", "",
+             "| model | batch x tokens | plan estimate GiB | pre-flight GiB | measured GiB | error | step s "
+             "(estimated / measured) |", "|---|---|---|---|---|---|---|"]
     for name, m in report["models"].items():
         for p in m.get("plan", []):
+            if "skipped" in p:
+                lines.append(f"| {name} | {p['batch']} x {p['tokens']} | {p['skipped']} | | | | |")
+                continue
+            err = f"{p['error']:+.0%}" if "error" in p else f"exit {p['rc']}"
             lines.append(f"| {name} | {p['batch']} x {p['tokens']} | {gib(p['estimated_peak'])} | "
-                         f"{gib(p['preflight_estimate'])} | {gib(p['measured_peak'])} | {p.get('error', 0):+.0%} | "
-                         f"{gib(p['process_peak_rss'])} | {p['estimated_step_s']} / {p['measured_step_s']} |")
-    lines += ["", "| model | command | peak RSS GiB | seconds | result |", "|---|---|---|---|---|"]
+                         f"{gib(p['preflight_estimate'])} | {gib(p['measured_peak'])} | {err} | "
+                         f"{p['estimated_step_s']} / {p['measured_step_s']} |")
+    lines += ["", "| model | command | peak RSS GiB | peak anonymous GiB | seconds | result |",
+              "|---|---|---|---|---|---|"]
     for name, m in report["models"].items():
-        if "train" in m:
-            t = m["train"]
-            lines.append(f"| {name} | train 2 steps {t['batch']} x {t['tokens']} | {gib(t['peak_rss'])} "
-                         f"(pre-flight {gib(t['preflight_estimate'])}) | {t['seconds']} | {t['header']} |")
-        for cmd in ("merge", "chat", "compare", "serve"):
-            if cmd in m:
-                c = m[cmd]
-                what = {"merge": c.get("check"), "chat": c.get("answer", "")[:40], "compare": "2 questions",
-                        "serve": f"one request {c.get('request_s')} s" if c.get("ok") else c.get("error")}[cmd]
-                lines.append(f"| {name} | {cmd} | {gib(c['peak_rss'])} | {c.get('seconds', c.get('ready_s'))} | "
-                             f"{what} |")
+        t = m.get("train")
+        if t and "skipped" in t:
+            lines.append(f"| {name} | train and the rest | {t['skipped']} | | | |")
+        elif t:
+            lines.append(f"| {name} | train, 2 steps of {t['batch']} x {t['tokens']} | {gib(t['peak_rss'])} | "
+                         f"{gib(t['peak_anon'])} (pre-flight {gib(t['preflight_estimate'])}) | {t['seconds']} | "
+                         f"steps {t['step_s']} s; {(t['header'] or '').split(' on ', 1)[-1].split(', compute')[0]} |")
+        for cmd in ("merge", "chat", "compare", "serve", "export"):
+            for outtype, r in ({"": m[cmd]} if cmd != "export" else m.get(cmd, {})).items() if cmd in m else ():
+                if outtype == "reference":
+                    continue
+                if "skipped" in r:
+                    lines.append(f"| {name} | {cmd} | {r['skipped']} | | | |")
+                    continue
+                what = {"merge": "merged vs base+adapter logits: max diff " +
+                        (r.get("check") or "= -").split("= ")[1].split(" ")[0], "chat": repr(r.get("answer", "")[:40]),
+                        "compare": f"{r.get('questions')} questions x (base, adapter)",
+                        "serve": f"ready {r.get('ready_s')} s, one request {r.get('request_s')} s"
+                        if r.get("ok") else r.get("error"),
+                        "export": f"{gib(r.get('size'))} GiB file"}[cmd].replace("|", "\\|")
+                lines.append(f"| {name} | {cmd} {outtype} | {gib(r['peak_rss'])} | {gib(r['peak_anon'])} | "
+                             f"{r.get('seconds', r.get('ready_s'))} | {what} |")
+    lines += ["", "| model | GGUF | greedy 16 tokens equal | top-1 agreement | max abs log-prob diff | transformers "
+              "top-1/top-2 margin where they disagree |", "|---|---|---|---|---|---|"]
+    for name, m in report["models"].items():
         for outtype in ("f16", "q8_0"):
             e = m.get("export", {}).get(outtype)
-            if e:
-                lines.append(f"| {name} | export {outtype} | {gib(e['peak_rss'])} | {e['seconds']} | greedy 16 "
-                             f"equal {e.get('greedy_equal')}, top-1 {e.get('top1_agreement')}, max abs log-prob "
-                             f"diff {e.get('max_abs_logprob_diff')} |")
+            if e and "top1_agreement" in e:
+                lines.append(f"| {name} | {outtype} | {e['greedy_equal']} | {e['top1_agreement']:.1%} of "
+                             f"{e['positions']} | {e['max_abs_logprob_diff']} | "
+                             f"{', '.join(map(str, e['disagreeing_margins'])) or '-'} |")
     return "\n".join(lines)
 
 
@@ -480,6 +531,7 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(STEPS))
     ap.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="plan --measure shapes")
     ap.add_argument("--output", default=str(ROOT / "bench" / "fullsize.json"))
+    ap.add_argument("--force", action="store_true", help="run steps even when the memory available looks short")
     ap.add_argument("--reference", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -497,17 +549,22 @@ def main() -> int:
         work.mkdir(parents=True)
         m = report["models"][name] = {}
         if "plan" in steps:
-            m["plan"] = step_plan(cfg_dir, work, [tuple(map(int, x.split("x"))) for x in args.shapes.split(",")])
-        if set(steps) - {"plan"}:
+            shapes = [tuple(map(int, x.split("x"))) for x in args.shapes.split(",")]
+            m["plan"] = step_plan(cfg_dir, work, shapes, args.force)
+        n = params(cfg_dir)
+        if set(steps) - {"plan"} and not room(n * NEED["train"] + 0.5 * GIB, args.force):
             built = model_dir(name, args.layers)
             m["train"] = step_train(built, cfg_dir, work)
             adapter = m["train"]["adapter"]
-            if m["train"]["adapter_written"]:
-                for step in ("merge", "chat", "compare", "serve", "export"):
-                    if step in steps:
-                        fn = globals()[f"step_{step}"]
-                        m[step] = fn(adapter, work) if step in ("merge", "compare", "export") else fn(adapter)
-                        print(f"fullsize: {name} {step} done", flush=True)
+            for step in ("merge", "chat", "compare", "serve", "export"):
+                if step in steps and m["train"]["adapter_written"]:
+                    skip = room(n * NEED[step] + 0.5 * GIB, args.force)
+                    fn = globals()[f"step_{step}"]
+                    m[step] = {"skipped": skip} if skip else \
+                        fn(adapter, work) if step in ("merge", "compare", "export") else fn(adapter)
+                    print(f"fullsize: {name} {step} {skip or 'done'}", flush=True)
+        elif set(steps) - {"plan"}:
+            m["train"] = {"skipped": room(n * NEED["train"] + 0.5 * GIB, args.force)}
         shutil.rmtree(work, ignore_errors=True)
         Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(report))
