@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phitune-installed
 
-.PHONY: setup llamacpp browser lint demo test test-fast bench clean
+.PHONY: setup llamacpp browser lint demo test test-fast bench fullsize clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,13 @@ test-fast: setup llamacpp browser
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
 	$(PY) bench/train_throughput.py
+
+# Full-size Phi-2 and Phi-3.5-mini (random weights from ../shared/models' real configs) through plan --measure,
+# train, merge, chat, compare, serve and export + llama.cpp: bench/fullsize.json, docs/benchmarks.md. About
+# 2 h on 2 cores; ~22 GiB of free RAM (a step that does not fit now is skipped and says so), ~30 GiB of
+# disk (the built models stay in ~/.cache/phitune/fullsize).
+fullsize: setup llamacpp
+	$(PY) bench/fullsize.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -181,10 +181,14 @@ def main(args: argparse.Namespace) -> int:
             epoch = _duration(flops / speed)
         else:
             epoch = "-"
-        act = est.total_bytes - est.parts["weights"] - est.parts["lora + AdamW"]
+        act = sum(v for k, v in est.parts.items() if k not in ("weights", "lora + AdamW"))
         print(f"  {label:28} {f'{bs}x{acc}':>6} {seq:>6} {'on' if ckpt else 'off':>4} "
               f"{est.parts['weights'] / GIB:7.2f}G {est.parts['lora + AdamW'] / GIB:8.2f}G {act / GIB:6.2f}G "
-              f"{est.total_gib:6.2f}G  {'yes' if ok else 'NO':4} {epoch:>9}")
+              f"{est.total_gib:6.2f}G{'*' if est.loading_dominates else ' '} {'yes' if ok else 'NO':4} {epoch:>9}")
+    if first.loading_dominates:
+        print(f"\n  * peak while loading: every weight in {str(weights_dtype)[6:]} "
+              f"({first.loading / GIB:.2f} GiB with the LoRA weights) before the LoRA layers' frozen weights are "
+              f"cast to {str(compute_dtype)[6:]}; the training step needs less")
     if not fits(first, capacity):
         s = suggest(shape, cfg.lora, first.batch_size, t.gradient_accumulation_steps, first.seq_len,
                     ckpt_this_run, capacity, weights_dtype=weights_dtype, compute_dtype=compute_dtype,
@@ -267,11 +271,11 @@ def _data_lengths(cfg):
 
 def measure(cfg: RunConfig, examples: list[dict[str, list[int]]], pad_id: int, checkpointing: bool,
             steps: int = 2, rows: int | None = None) -> dict[str, Any]:
-    """Two real training steps on the longest batch (`rows` rows, default --batch_size; a dpo/orpo batch of B
-    pairs is measured as its 2B longest sequences), set up as `phitune train` sets it up.
+    """Load the model and run two real training steps on the longest batch (`rows` rows, default --batch_size; a
+    dpo/orpo batch of B pairs is measured as its 2B longest sequences), set up as `phitune train` sets it up.
 
-    Returns {"peak_bytes", "step_s", "seq_len", "tokens", "how"}: on CUDA the allocator's peak; on CPU the
-    parameters' bytes plus the peak rise of the process's resident memory during the steps."""
+    Returns {"peak_bytes", "step_s", "seq_len", "rows", "tokens", "how"}: on CUDA the allocator's peak; on CPU
+    the process's peak anonymous resident memory over loading and the steps (see _PeakMemory)."""
     from phitune.models import adapters
     from phitune.training.loss import AnswerLoss
     from phitune.training.setup import enable_checkpointing
@@ -282,20 +286,19 @@ def measure(cfg: RunConfig, examples: list[dict[str, list[int]]], pad_id: int, c
     longest = sorted(examples, key=lambda e: -len(e["input_ids"]))[:rows or cfg.train.batch_size]
     batch = {k: v.to(device) for k, v in data.collate(longest, pad_id).items()}
     seq_len = batch["input_ids"].shape[1]
-    model = models.load_model(cfg.model.model, weights_dtype, cfg.model.trust_remote_code, quant,
-                              random_weights_ok=True)
-    if quant is None:
-        model = model.to(device)
-    model.config.use_cache = False
-    model, _ = adapters.attach_lora(model, cfg.lora, seed=cfg.train.seed)
-    backends.apply(model, backends.make_plan(device, weights_dtype, compute_dtype, quant is not None, seq_len))
-    if checkpointing:
-        enable_checkpointing(model)
-    loss_model = AnswerLoss(model).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    peak = _PeakMemory(device, model)
     times = []
-    with peak:
+    with _PeakMemory(device) as peak:
+        model = models.load_model(cfg.model.model, weights_dtype, cfg.model.trust_remote_code, quant,
+                                  random_weights_ok=True)
+        if quant is None:
+            model = model.to(device)
+        model.config.use_cache = False
+        model, _ = adapters.attach_lora(model, cfg.lora, seed=cfg.train.seed)
+        backends.apply(model, backends.make_plan(device, weights_dtype, compute_dtype, quant is not None, seq_len))
+        if checkpointing:
+            enable_checkpointing(model)
+        loss_model = AnswerLoss(model).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         for _ in range(steps):
             _sync(device)
             start = time.perf_counter()
@@ -311,86 +314,53 @@ def measure(cfg: RunConfig, examples: list[dict[str, list[int]]], pad_id: int, c
 
 
 class _PeakMemory:
-    """Peak memory of the code inside `with`: CUDA's max_memory_allocated, or on CPU the tensors already
-    there (parameters and buffers) plus the highest resident-set size reached above the starting one."""
+    """Peak memory of the code inside `with` (loading and the steps): CUDA's max_memory_allocated, or on CPU
+    the process's peak anonymous resident memory, sampled every few milliseconds. On CPU that takes in the
+    Python runtime and the moment the weights are loaded in their master dtype, before the LoRA layers' frozen
+    weights are cast down, and leaves out the pages of weight files mapped from disk, which the kernel can
+    drop and read again (they are clean page cache, not memory the run needs)."""
 
-    def __init__(self, device, model):
-        self.device, self.model, self.peak = device, model, 0
-        self.how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "resident memory rise"
+    def __init__(self, device):
+        self.device, self.peak = device, 0
+        self.how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else \
+            "peak anonymous resident memory of the process, loading included"
 
     def __enter__(self):
-        import gc
-        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             return self
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        self.held = sum(t.numel() * t.element_size() for t in tensors)
-        with torch.no_grad():
-            for t in tensors:  # weights may still be mapped from the file, not read: bring them in now
-                t.sum()
-        _trim_heap()
-        self.reset = _reset_peak_rss()
-        self.start = _rss()
-        if not self.reset:  # no resettable kernel counter: sample
-            import threading
-            self.stop, self.sampled = threading.Event(), self.start
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
+        import threading
+        self.start = _anon_rss()
+        self.stop, self.sampled = threading.Event(), self.start
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
         return self
 
     def _sample(self):
-        while not self.stop.wait(0.002):
-            self.sampled = max(self.sampled, _rss())
+        while not self.stop.wait(0.003):
+            self.sampled = max(self.sampled, _anon_rss())
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated()
             return False
-        if self.reset:
-            top = _peak_rss()
-        else:
-            self.stop.set()
-            self.thread.join()
-            top = self.sampled
-        self.peak = self.held + max(0, top - self.start)
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.sampled, _anon_rss())
         return False
 
 
-def _trim_heap():
-    """Give freed heap memory back to the system (glibc), so that memory freed by earlier work in this process
-    is not silently reused by the measured steps, hiding part of their rise."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _rss():
-    import psutil
-    return psutil.Process().memory_info().rss
-
-
-def _reset_peak_rss():
-    """Linux: writing 5 to /proc/self/clear_refs resets the peak resident set size (VmHWM) to the current one."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return _peak_rss() is not None
-    except OSError:
-        return False
-
-
-def _peak_rss():
+def _anon_rss():
+    """Resident anonymous memory of this process (Linux: RssAnon); elsewhere the whole resident set."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
     except OSError:
-        return None
-    return None
+        pass
+    import psutil
+    return psutil.Process().memory_info().rss
 
 
 # ---------------------------------------------------------------- the docs table

@@ -7,6 +7,7 @@ The API the planner (`phitune plan`), the training pre-flight and `--gradient_ch
                           weights_dtype, compute_dtype, device, quantize=None, attention=None,
                           answer_fraction=1.0)      # -> Estimate
     est.total_bytes, est.parts                        # parts: {"weights", "lora + AdamW", "activations", ...}
+    est.loading, est.loading_dominates                # bytes held while loading; whether that is the peak
     fits(est, capacity_bytes)                         # total within 90% of capacity
     s = suggest(shape, lora, batch_size, accumulation, seq_len, checkpointing, capacity_bytes, ...)
     s.text  # "use --batch_size 2 --gradient_accumulation_steps 8: same effective batch, ~X GiB" (None if nothing fits)
@@ -15,6 +16,8 @@ The API the planner (`phitune plan`), the training pre-flight and `--gradient_ch
     device_memory(device) -> (bytes available, description)
     preflight(config, lora, batch_size, accumulation, longest, checkpointing, weights_dtype, compute_dtype,
               device, capacity_bytes=None) -> warning text or None   # what `phitune train` prints before step 1
+    train_estimate(config, lora, batch_size, longest, checkpointing, weights_dtype, compute_dtype, device)
+                                                      # -> the Estimate that pre-flight checks
 
 `lora` is a config.LoraArgs (targets are resolved on the meta model exactly as training resolves them) or an
 int: the trainable parameter count, with every linear layer of each decoder block taken as a target.
@@ -27,8 +30,11 @@ in fp32, each LoRA layer's (dropped) input, q/k/v and the attention output, the 
 the path keeps them, the MLP's activation inputs), times the layers (with checkpointing: one layer input per
 layer plus one layer recomputed at a time), plus the backward's gradient buffers and the loss head's chunk
 buffers. The layer counts follow the code paths phitune trains with on each device (CPU: bf16 fused LoRA
-layers and bf16 attention for sequences up to 512 tokens; CUDA: PEFT's LoRA and SDPA). docs/planning.md
-states how far the estimate is from measured peaks.
+layers and bf16 attention for sequences up to 512 tokens; CUDA: PEFT's LoRA and SDPA). The peak is the
+process's runtime (CPU) plus the larger of that step and loading: on CPU every weight is loaded in fp32
+before the fused layers cast theirs to bf16, which for full-size Phi-2 at short lengths is the larger
+(10.4 GiB of fp32 weights against ~6 GiB trained with). docs/planning.md states how far the estimate is
+from measured peaks.
 """
 from __future__ import annotations
 
@@ -48,10 +54,14 @@ if TYPE_CHECKING:
 
 GIB = 2 ** 30
 # What the process holds beyond the tensors it keeps: freed forward/backward temporaries the allocator keeps
-# for reuse, as a multiple of the activation bytes, plus a fixed runtime share (autograd, thread pools, kernel
-# scratch). CPU: fitted to resident-memory peaks of tiny and demo models on the development CPU (glibc
-# malloc; docs/planning.md). CUDA and MPS: the caching allocator's own figures, not measured here.
+# for reuse, as a multiple of the activation bytes, plus a fixed share during the steps (autograd, thread
+# pools, kernel scratch). CPU: fitted to resident-memory peaks of tiny and demo models on the development CPU
+# (glibc malloc; docs/planning.md). CUDA and MPS: the caching allocator's own figures, not measured here.
 SLACK = {"cpu": (1.6, 35 * 2 ** 20), "cuda": (1.15, 0), "mps": (1.3, 0)}
+# The process itself before any weights: Python, torch, transformers, the tokenizer and the encoded data
+# (anonymous resident memory of `phitune plan` / `phitune train` on the development CPU, 0.26-0.30 GiB).
+# GPUs: the allocator's measure does not see it.
+RUNTIME = {"cpu": 280 * 2 ** 20, "cuda": 0, "mps": 0}
 HEAD_CHUNK = {"cpu": 256, "cuda": 2048, "mps": 2048}  # loss.CPU_CHUNK / loss.CHUNK
 # Sequences a training example puts through the model: a preference pair (DPO, ORPO) is its chosen and its
 # rejected answer in one forward, so a micro-batch of B pairs holds 2B rows.
@@ -129,11 +139,19 @@ class Estimate:
     checkpointing: bool
     device: str
     trainable: int
+    loading: int = 0  # bytes held while loading, beyond the runtime: the weights before any cast, LoRA weights
 
     @property
     def total_bytes(self) -> int:
-        """The estimated peak: the sum of the parts, in bytes."""
-        return int(sum(self.parts.values()))
+        """The estimated peak, in bytes: the runtime plus the larger of loading and the training step (the sum
+        of the other parts)."""
+        step = sum(v for k, v in self.parts.items() if k != "runtime")
+        return int(self.parts.get("runtime", 0) + max(step, self.loading))
+
+    @property
+    def loading_dominates(self) -> bool:
+        """True when the peak is reached while loading, not in the step."""
+        return self.loading > sum(v for k, v in self.parts.items() if k != "runtime")
 
     @property
     def total_gib(self) -> float:
@@ -142,7 +160,10 @@ class Estimate:
 
     def describe(self) -> str:
         """Each part and the total in GiB, one line."""
-        return ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items()) + f" (GiB); total {self.total_gib:.2f}"
+        text = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items())
+        if self.loading_dominates:
+            text += f"; while loading {self.loading / GIB:.2f}"
+        return text + f" (GiB); total {self.total_gib:.2f}"
 
 
 def _nbytes(dtype: torch.dtype) -> int:
@@ -190,6 +211,9 @@ def estimate_memory(shape: ModelShape, lora: LoraArgs | int, batch_size: int, se
         weights = shape.params * wb
         if fused_cpu:  # the fused layers keep their frozen weights in bf16, and the head gets a bf16 copy
             weights += target_params * (2 - wb) + (V * d * 2 if wb == 4 else 0)
+    # While loading, every weight is in the master dtype: the fused layers cast theirs down only afterwards
+    # (fp32 Phi-2 on CPU: 10.4 GiB loaded, 5.9 GiB trained with)
+    loading = (weights if quantize else shape.params * _nbytes(weights_dtype)) + trainable * 4
 
     # ---- one decoder layer's saved tensors, bytes per token
     per_target_in = {s: shape.layer_linears[s][0] for s in short if s in shape.layer_linears}
@@ -228,9 +252,9 @@ def estimate_memory(shape: ModelShape, lora: LoraArgs | int, batch_size: int, se
     factor, fixed = SLACK.get(device, SLACK["cuda"])
     slack = (factor - 1) * (saved + grads + head) + fixed
     parts = {"weights": weights, "lora + AdamW": trainable * 16, "activations": saved, "backward buffers": grads,
-             "loss head": head, "allocator + runtime": slack}
+             "loss head": head, "allocator": slack, "runtime": RUNTIME.get(device, 0)}
     return Estimate(parts={k: int(v) for k, v in parts.items()}, batch_size=batch_size, seq_len=seq_len,
-                    checkpointing=checkpointing, device=device, trainable=trainable)
+                    checkpointing=checkpointing, device=device, trainable=trainable, loading=int(loading))
 
 
 def fits(estimate: Estimate, capacity_bytes: int | None, margin: float = 0.9) -> bool:
@@ -304,6 +328,15 @@ def parse_bytes(text: str | int) -> int:
     return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
 
 
+def train_estimate(config: PretrainedConfig, lora: LoraArgs | int, batch_size: int, longest: int,
+                   checkpointing: bool, weights_dtype: torch.dtype, compute_dtype: torch.dtype | None,
+                   device: torch.device | str, quantize: str | None = None, rows_per_example: int = 1) -> Estimate:
+    """The estimate `phitune train`'s pre-flight checks: its longest micro-batch, every position trained."""
+    kw = dict(weights_dtype=weights_dtype, compute_dtype=compute_dtype, device=getattr(device, "type", device),
+              quantize=quantize, rows_per_example=rows_per_example)
+    return estimate_memory(model_shape(config), lora, batch_size, longest, checkpointing, **kw)
+
+
 def preflight(config: PretrainedConfig, lora: LoraArgs | int, batch_size: int, accumulation: int, longest: int,
               checkpointing: bool, weights_dtype: torch.dtype, compute_dtype: torch.dtype | None,
               device: torch.device | str, capacity_bytes: int | None = None, quantize: str | None = None,
@@ -317,15 +350,15 @@ def preflight(config: PretrainedConfig, lora: LoraArgs | int, batch_size: int, a
         except (ImportError, RuntimeError, AttributeError):
             return None
     try:
-        shape = model_shape(config)
+        est = train_estimate(config, lora, batch_size, longest, checkpointing, weights_dtype, compute_dtype, device,
+                             quantize, rows_per_example)
     except Exception:  # an architecture transformers cannot build from its config alone: no estimate, no block
+        return None
+    if fits(est, capacity_bytes):
         return None
     kw = dict(weights_dtype=weights_dtype, compute_dtype=compute_dtype, device=device, quantize=quantize,
               rows_per_example=rows_per_example)
-    est = estimate_memory(shape, lora, batch_size, longest, checkpointing, **kw)
-    if fits(est, capacity_bytes):
-        return None
-    s = suggest(shape, lora, batch_size, accumulation, longest, checkpointing, capacity_bytes, **kw)
+    s = suggest(model_shape(config), lora, batch_size, accumulation, longest, checkpointing, capacity_bytes, **kw)
     fix = s.text if s else "lower --max_length, or use --quantize 4bit on CUDA"
     rows = f"{batch_size} pairs = {batch_size * rows_per_example} rows" if rows_per_example > 1 else f"{batch_size}"
     return (f"warning: this run needs about {est.total_gib:.1f} GiB at its longest batch ({rows} x {longest} "

@@ -205,7 +205,7 @@ def setup(cfg: RunConfig) -> Run:
                          f"with --method {method}")
     say(accelerator, f"data: {fmt} records, template {template.kind} (stops at {', '.join(template.stop_tokens)})",
             train_stats.report("train"), *([val_stats.report("validation")] if val_stats else []),
-            f"model: {cfg.model.model} ({models.describe(model.get_base_model())}) on {plan.describe()}"
+            f"model: {cfg.model.model} ({models.describe(model.get_base_model())}) on {_as_trained(plan, model)}"
             + (f", {fused} of {len(targets)} LoRA layers on phitune's fused CPU path" if fused else ""),
             *lines, f"gradient checkpointing {plan.checkpointing_reason}")
     if accelerator.is_main_process:
@@ -287,6 +287,19 @@ def finish(run: Run, stop_reason: Optional[str] = None) -> Path:
         _print_summary(final_metrics, final, out, speed=p.tokens / max(p.seconds, 1e-9), method=cfg.train.method)
     run.accelerator.wait_for_everyone()
     return final
+
+
+def _as_trained(plan, model):
+    """The hardware path with the frozen weights' dtypes as held in training (the fused CPU LoRA layers keep
+    theirs in bf16 under fp32 master weights), parameter counts per dtype."""
+    held = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            held[p.dtype] = held.get(p.dtype, 0) + p.numel()
+    weights = " + ".join(f"{str(d).replace('torch.', '')} {n:,}" for d, n in sorted(held.items(), key=lambda x: -x[1]))
+    compute = str(plan.autocast_dtype or plan.weights_dtype).replace("torch.", "")
+    return (f"{plan.device.type}, weights {weights} (frozen), compute {compute}, attention {plan.attention}, "
+            f"LoRA layer {plan.lora_layer}")
 
 
 def _memory_without_checkpointing(model_config, cfg, t, longest, plan):
