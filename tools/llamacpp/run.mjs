@@ -1,6 +1,7 @@
 // Runs a GGUF file in llama.cpp (node-llama-cpp's prebuilt CPU binaries; nothing is downloaded or compiled).
 // Reads one JSON request on stdin, prints one JSON answer on stdout:
 //   {"model": "m.gguf", "context": 512, "lora": "adapter.gguf" (optional, applied with scale 1),
+//    "batch": 16 (optional: most tokens evaluated at once; default node-llama-cpp's, up to the context),
 //    "tokenize": ["text", ...],                 -> "tokens": [[ids], ...]   (special tokens parsed, no BOS added)
 //    "tokenize_plain": ["text", ...],           -> "tokens_plain": [[ids], ...] (special-token text kept as text)
 //    "generate": [{"ids": [...], "max_tokens": 20}, ...]
@@ -12,6 +13,15 @@
 //                                                 the chat template stored in the file; greedy
 //    "probs": [[ids], ...]}                     -> "probs": [[[[id, p], ...top 20] per position], ...]
 //                                                 next-token distributions along a fixed sequence
+//
+// Pass a "batch" under 32 for models with 32-wide layers (phitune's tests do: their tiny models have hidden
+// size 32). On CPUs with AMX (Sapphire Rapids and later) node-llama-cpp loads its sapphirerapids build, and
+// there llama.cpp's AMX kernel for q4_0/q4_1/q8_0 weights with exactly 32 input features (ggml-cpu/amx/
+// mmq.cpp, tinygemm_kernel_amx: for a full block of 32 tokens with a single 32-wide K block it adds the
+// product to what the output buffer held instead of writing it) makes nonsense of every batch of 32 or
+// more tokens. Batches under 32 never reach that branch: the tests' q8_0/q4_0 files then give bit for bit
+// what the non-AMX builds give. Real models are wider and unaffected; elsewhere the batch size changed no
+// bit (f32, f16, bf16, q8_0, q4_0 files; batch 16 against the default; AMX and non-AMX builds).
 import {getLlama, JinjaTemplateChatWrapper, LlamaChatSession} from "node-llama-cpp";
 
 const chunks = [];
@@ -29,6 +39,7 @@ const out = {
 
 if ((req.generate ?? []).length || (req.probs ?? []).length || (req.chat ?? []).length) {
     const context = await model.createContext({contextSize: req.context ?? 512, threads: req.threads ?? 1,
+                                               ...(req.batch ? {batchSize: req.batch} : {}),
                                                ...(req.lora ? {lora: req.lora} : {})});
     const sequence = context.getSequence();
     for (const g of req.generate ?? []) {

@@ -14,8 +14,12 @@ batch. In a plain batched forward two things make a row's numbers depend on its 
   are the same whichever adapters its neighbours use; a row of the base gets an exact zero.
 
 The linear layers themselves treat rows independently in bf16 and int8 (and in fp32 up to rounding:
-PyTorch's fp32 CPU matmul takes another path below 4 rows). tests/test_engine.py checks the end result:
-every row of a mixed batch gives the answer it gives alone.
+PyTorch's fp32 CPU matmul takes another path below 4 rows) for as many rows as a decoding step has. A
+prefill of several prompts has many more rows (prompts x tokens), and there oneDNN may sum in another order:
+on a CPU with AMX and 2 threads, the demo model's bf16 down projection (1536 -> 576) gives a row other
+bits with 160 to 256 rows than alone (2 of 6 greedy answers of a mixed batch changed). So on a CPU each
+prompt's tokens go through the linear layers by themselves, as the prompt alone does (see per_row).
+tests/test_engine.py checks the end result: every row of a mixed batch gives the answer it gives alone.
 """
 from __future__ import annotations
 
@@ -42,6 +46,13 @@ class Batch:
         self.min_rows = min_rows
         self.any_adapter = adapters is not None and any(a is not None for a in adapters)
         self._masks = {}
+        self._alone = {}
+
+    def alone(self, i: int) -> Batch:
+        """Row i as a batch of its own (what the row computes when it is the only request)."""
+        if i not in self._alone:
+            self._alone[i] = Batch([0], None if self.adapters is None else [self.adapters[i]], self.min_rows)
+        return self._alone[i]
 
     def mask(self, layer: RowLoraLinear, lead: torch.Size, rows: int) -> torch.Tensor:
         """(rows, columns): 1 where a column belongs to the adapter of the row's batch row, 0 for fill rows.
@@ -77,6 +88,29 @@ def batch(starts: list, adapters: Optional[list] = None, min_rows: int = 1) -> I
 
 def current() -> Optional[Batch]:
     return getattr(_local, "batch", None)
+
+
+def per_row(layer: nn.Module, x: torch.Tensor, b: Optional[Batch]) -> Optional[torch.Tensor]:
+    """A CPU prefill of several prompts, (rows, tokens, in) -> (rows, tokens, out): each row's own tokens (its
+    left padding left out) through `layer` inside a batch of that row alone, so the matmuls see exactly the
+    shapes, and give exactly the bits, of the prompt alone; padding positions get zeros. None for anything
+    else (one row, one token per row, flattened tokens, other devices): the layer runs the rows together."""
+    if b is None or x.dim() != 3 or x.shape[1] < 2 or len(b.starts) != x.shape[0] or x.shape[0] < 2 \
+            or x.device.type != "cpu":
+        return None
+    out = None
+    for i, start in enumerate(b.starts):
+        if start >= x.shape[1]:
+            continue
+        _local.batch = b.alone(i)
+        try:
+            y = layer(x[i:i + 1, start:])
+        finally:
+            _local.batch = b
+        if out is None:
+            out = y.new_zeros(x.shape[0], x.shape[1], y.shape[-1])
+        out[i, start:] = y[0]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -133,7 +167,11 @@ class PadRows(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = current()
-        self.lead = lead = x.shape[:-1]  # top_logits reads it: which of the flattened rows are last positions
+        lead = x.shape[:-1]
+        y = per_row(self, x, b)
+        self.lead = lead  # top_logits reads it: which of the flattened rows are last positions
+        if y is not None:
+            return y
         x = x.reshape(-1, x.shape[-1])
         n = len(x)
         y = self.inner(_fill_to(x, b.min_rows) if b is not None else x)
@@ -192,6 +230,9 @@ class RowLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = current()
+        y = per_row(self, x, b)
+        if y is not None:
+            return y
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         n = len(x)
