@@ -43,6 +43,7 @@ test-fast: setup llamacpp browser
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
 	$(PY) bench/train_throughput.py
+	$(PY) bench/dpo_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
