@@ -1,5 +1,7 @@
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,3 +82,23 @@ def memorised_adapter(tiny_models, tmp_path_factory):
                    "--val_split", 0)
     assert code == 0
     return base / "run" / "final_adapter"
+
+
+RUNNER = ROOT / "tools" / "llamacpp"
+
+
+@pytest.fixture(scope="session")
+def llamacpp():
+    """Call llama.cpp with one JSON request (see tools/llamacpp/run.mjs); installs the runner if needed."""
+    if shutil.which("node") is None:
+        pytest.fail("Node.js is not installed; the llama.cpp checks need it (apt-get install nodejs npm)")
+    if not (RUNNER / "node_modules" / "node-llama-cpp").is_dir():
+        subprocess.run(["npm", "ci", "--ignore-scripts", "--omit=optional", "--no-audit", "--no-fund"],
+                       cwd=RUNNER, check=True, capture_output=True, timeout=600)
+
+    def call(request):
+        r = subprocess.run(["node", str(RUNNER / "run.mjs")], input=json.dumps(request), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout)
+    return call

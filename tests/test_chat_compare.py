@@ -176,3 +176,50 @@ def test_every_command_takes_a_config_file(memorised_adapter, tmp_path):
     cfg.write_text("adapter_path: [x]\nquestionz: q.yaml\n")
     bad = subprocess.run(PHITUNE + ["compare", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "questionz: unknown key; did you mean questions?" in bad.stderr
+
+
+def test_chat_tiny_temperature_is_greedy_and_nan_is_refused(memorised_adapter, capsys):
+    """--temperature 1e-40 once ended in a traceback and nan was silently greedy."""
+    args = ["chat", "--adapter_path", memorised_adapter, "--precision", "fp32", "--prompt", "Say the code for green"]
+    assert run_cli(*args, "--temperature", "1e-40") == 0
+    assert capsys.readouterr().out == "The code for green is three.\n"
+    assert run_cli(*args, "--temperature", "nan") == 2
+    err = capsys.readouterr().err
+    assert "temperature: must be a finite number" in err and "Traceback" not in err
+
+
+def test_chat_session_temp_and_a_conversation_too_long_for_the_context(memorised_adapter, monkeypatch, capsys):
+    """/temp 1e-40 answers greedily, /temp nan is refused, and a conversation that with its answer passes the
+    model's context is not run past it: the user is told how to go on."""
+    from phitune.chat import Session
+    loaded = gen.load([memorised_adapter], precision="fp32", merge=True)
+    lines = iter(["/temp 1e-40", "Say the code for blue", "/temp nan", f"/max_tokens {loaded.context - 5}",
+                  "Say the code for red", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    session = Session(loaded, gen.Sampling(max_new_tokens=30, temperature=0.7, seed=1), None)
+    session.run()
+    out = capsys.readouterr().out
+    assert "(temperature 1e-40 (greedy))" in out and "The code for blue is two." in out
+    assert "error: usage: /temp X (must be a finite number, got nan)" in out
+    assert f"passes the model's context of {loaded.context} tokens" in out and "/reset" in out
+    assert len(session.history) == 2 and session.sampling.temperature == 1e-40
+
+
+def test_compare_and_eval_say_when_a_question_passes_the_context(memorised_adapter, tmp_path, capsys):
+    from phitune.evaluate import answer_jobs
+    loaded = gen.load([f"tuned={memorised_adapter}"], precision="fp32")
+    context = loaded.context
+    long = "one two three " * 40
+    questions = [{"prompt": "Say the code for red"}, {"prompt": long}]
+    with pytest.raises(PhituneError, match=rf"question 2 \('one two three.*'\) for base: the prompt is \d+ tokens; "
+                                           rf"with max_new_tokens {context - 40} that passes the model's context "
+                                           rf"of {context} tokens"):
+        run_batch(loaded, questions, [None, "tuned"], gen.Sampling(max_new_tokens=context - 40))
+    evals = [{"messages": [{"role": "user", "content": q["prompt"]}], "references": ["x"]} for q in questions]
+    jobs = answer_jobs(loaded, evals, [None, "tuned"], context - 40)
+    err = capsys.readouterr().err
+    assert "note: question 2 ('one two three" in err and "for tuned" in err and "its answer is cut at" in err
+    assert [j[2].max_new_tokens == context - 40 for j in jobs] == [True, False, True, False]
+    too_long = [{"messages": [{"role": "user", "content": "one two three " * context}], "references": ["x"]}]
+    with pytest.raises(PhituneError, match="question 1 .* no room is left for an answer"):
+        answer_jobs(loaded, too_long, [None], 10)

@@ -155,3 +155,37 @@ def test_ten_megabyte_line_is_read_then_cut_by_the_length_rule(tmp_path):
     with pytest.raises(DataError) as err:
         data.read_jsonl(bad)
     assert len(str(err.value)) < 300  # the message names the problem without echoing the line
+
+
+def _chat(*turns):
+    return [{"role": r, "content": c} for r, c in turns]
+
+
+def test_top_level_system_of_a_messages_record_becomes_its_system_turn(tmp_path):
+    rows = [{"system": "Be brief.", "messages": _chat(("user", "Hi"), ("assistant", "Hello."))},
+            {"system": "  ", "messages": _chat(("user", "Hi"), ("assistant", "Yo."))}]
+    records, _ = data.read_jsonl(write_jsonl(tmp_path / "s.jsonl", rows))
+    assert records[0]["messages"] == _chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."))
+    assert records[1]["messages"] == _chat(("user", "Hi"), ("assistant", "Yo."))  # blank: as for prompt/response
+    both = {"system": "Be brief.", "messages": _chat(("system", "Be kind."), ("user", "Hi"), ("assistant", "Hi."))}
+    with pytest.raises(DataError, match=r"s2.jsonl:2: .*'system'.*messages\[0\] is a system turn too"):
+        data.read_jsonl(write_jsonl(tmp_path / "s2.jsonl", [rows[0], both]))
+
+
+def test_duplicates_and_trimmed_user_turns_get_a_notice_not_an_error(tmp_path, capsys):
+    ok = {"prompt": "a", "response": "b"}
+    rows = [ok, {"prompt": "c", "response": "d"}, ok, ok]
+    records, _ = data.read_jsonl(write_jsonl(tmp_path / "dup.jsonl", rows))
+    assert len(records) == 4
+    err = capsys.readouterr().err
+    assert "dup.jsonl: notice: 2 records repeat an earlier one (lines 3, 4)" in err
+    chats = [{"messages": _chat(("user", "q"), ("assistant", "a"), ("user", "unanswered"))},
+             {"messages": _chat(("user", "q2"), ("assistant", "a2"))},
+             {"messages": _chat(("user", "q3"), ("assistant", "a3"), ("user", "x"), ("user", "y"))}]
+    records, _ = data.read_jsonl(write_jsonl(tmp_path / "trim.jsonl", chats))
+    assert [r["messages"][-1]["role"] for r in records] == ["assistant"] * 3
+    err = capsys.readouterr().err
+    assert "trim.jsonl: notice: 2 conversations end with user turns that have no answer; they were left out " \
+           "(lines 1, 3)" in err
+    data.read_jsonl(write_jsonl(tmp_path / "clean.jsonl", rows[:2]))
+    assert capsys.readouterr().err == ""

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import MEMORISE, ROOT, run_cli, write_jsonl
+from ollama_render import modelfile_parts, render_chat
 
-RUNNER = ROOT / "tools" / "llamacpp"
 ARCHS = ("phi", "phi3", "llama")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 TEXTS = ["Hello world", "café naïve ÉLAN über straße", "def f(x):\n    return x**2  # 😀 done",
@@ -19,23 +19,6 @@ TEXTS = ["Hello world", "café naïve ÉLAN über straße", "def f(x):\n    retu
          "name[The Eagle], food[French]"]
 PROMPTS = ["Say the code for red", "Say the code for gold", "What is the capital of France?"]
 N_EXACT = 12  # greedy tokens compared one for one at f32/f16/bf16
-
-
-@pytest.fixture(scope="session")
-def llamacpp():
-    """Call llama.cpp with one JSON request (see tools/llamacpp/run.mjs); installs the runner if needed."""
-    if shutil.which("node") is None:
-        pytest.fail("Node.js is not installed; the llama.cpp checks need it (apt-get install nodejs npm)")
-    if not (RUNNER / "node_modules" / "node-llama-cpp").is_dir():
-        subprocess.run(["npm", "ci", "--ignore-scripts", "--omit=optional", "--no-audit", "--no-fund"],
-                       cwd=RUNNER, check=True, capture_output=True, timeout=600)
-
-    def call(request):
-        r = subprocess.run(["node", str(RUNNER / "run.mjs")], input=json.dumps(request), capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return json.loads(r.stdout)
-    return call
 
 
 def _train(base, out, steps=6, extra=()):
@@ -213,12 +196,13 @@ def test_export_cli_writes_gguf_and_ollama_modelfile(exported, tmp_path, capsys,
     text = (tmp_path / "Modelfile").read_text()
     assert "FROM ./tuned.gguf" in text
     assert re.findall(r'PARAMETER stop "(.*)"', text) == e["template"].stop_tokens
-    # Rendering the Go template for one user turn (no system prompt) gives phitune's prompt text.
-    go = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
-    one_turn = re.sub(r"\{\{ if \.System \}\}.*?\{\{ else \}\}(.*?)\{\{ end \}\}", r"\1", go, flags=re.S)
-    one_turn = re.sub(r"\{\{ if \.Response \}\}.*?\{\{ end \}\}", "", one_turn, flags=re.S)  # no answer yet
-    prompt = one_turn.split("{{ .Response }}")[0].replace("{{ .Prompt }}", "Hi")
-    assert prompt == e["template"].render_prompt([{"role": "user", "content": "Hi"}])
+    # The Go template, rendered as Ollama renders a chat, gives phitune's prompt text, in one turn and in three.
+    go, _, _ = modelfile_parts(text)
+    history = [{"role": "user", "content": "Hi"}]
+    assert render_chat(go, history) == e["template"].render_prompt(history)
+    history += [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And?"},
+                {"role": "assistant", "content": "Bye."}, {"role": "user", "content": "Ok"}]
+    assert render_chat(go, history) == e["template"].render_prompt(history)
 
 
 def test_system_prompt_travels_to_gguf_and_modelfile(tiny_models, tmp_path):
@@ -380,6 +364,13 @@ def test_lora_gguf_on_base_gguf_equals_merged_model(exported, tiny_models, llama
         with torch.no_grad():
             p = e["model"](torch.tensor([ids])).logits[0].softmax(-1)
         assert all(abs(prob - float(p[pos, t])) < 1e-3 for pos, top in enumerate(probs) for t, prob in top[:5])
+    # ... and like the merged f32 file in llama.cpp itself (log-probabilities of each position's top tokens).
+    merged = llamacpp({"model": str(e["files"]["f32"]), "probs": prompts})
+    for applied_seq, merged_seq in zip(res["probs"], merged["probs"]):
+        for applied, want in zip(applied_seq, merged_seq):
+            assert applied[0][0] == want[0][0]
+            want = dict(want)
+            assert max(abs(np.log(p) - np.log(want[t])) for t, p in applied if t in want) < 2e-3
     with torch.no_grad():  # the adapter matters: without it the base answers measurably differently
         ids = torch.tensor([prompts[0]])
         assert float((base(ids).logits.softmax(-1) - e["model"](ids).logits.softmax(-1)).abs().max()) > 0.02
@@ -435,3 +426,111 @@ def test_sentencepiece_style_tokenizer_in_llamacpp(llamacpp, tmp_path):
     assert res["tokens"] == prompts
     stops = template.stop_token_ids()
     assert res["generated"][0]["ids"] == [t for t in _greedy(model, prompts[0], N_EXACT, stops) if t not in stops]
+
+
+# ---------------------------------------------------------------- a full disk: exit 2, nothing left behind
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """small_fs(n_bytes) -> an empty directory on a fresh tmpfs of that size (rounded down to whole pages)."""
+    mounted = []
+
+    def make(n_bytes):
+        path = tmp_path / f"fs{len(mounted)}"
+        path.mkdir()
+        pages = max(1, int(n_bytes) // 4096)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4}k", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({(r.stderr or r.stdout).strip()}); needs root")
+        mounted.append(path)
+        return path
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("when", ["before", "while_writing"])
+@pytest.mark.parametrize("fmt", ["lora", "q8_0", "ollama"])
+def test_full_disk_is_reported_and_leaves_nothing(exported, tmp_path, small_fs, capsys, monkeypatch, fmt, when):
+    """On a filesystem too small for the file, at several sizes: exit 2, a message naming the filesystem and
+    the space needed, and no file or temp file. `while_writing` skips the free-space check made before writing,
+    as when another program fills the disk meanwhile: the write itself fails in the header, the metadata or
+    the tensors."""
+    if when == "while_writing":
+        from phitune.exporting import gguf_file
+        monkeypatch.setattr(gguf_file, "ensure_space", lambda path, need: None)
+    e = exported["llama"]
+    args = {"lora": ["--format", "lora"], "q8_0": ["--outtype", "q8_0"], "ollama": ["--format", "ollama"]}[fmt]
+    (tmp_path / "ref").mkdir()
+    ref = tmp_path / "ref" / "ref.gguf"
+    assert run_cli("export", "--adapter_path", e["adapter"], "--output", ref, *args) == 0
+    size = ref.stat().st_size
+    capsys.readouterr()
+    pages = sorted({max(1, int(size * f) // 4096) for f in (0.05, 0.3, 0.6, 0.9, 0.999)})
+    assert len(pages) >= 3 and pages[-1] * 4096 < size
+    for n in pages:
+        mnt = small_fs(n * 4096)
+        code = run_cli("export", "--adapter_path", e["adapter"], "--output", mnt / "m.gguf", *args)
+        err = capsys.readouterr().err
+        assert code == 2, (n, err)
+        assert "no space left on" in err and str(mnt) in err, err
+        need = float(re.search(r"needs ([\d.]+) MB", err).group(1))
+        assert abs(need - size / 2**20) <= 0.01, (need, size)
+        assert "Traceback" not in err
+        assert list(mnt.iterdir()) == [], n
+
+
+def test_lora_export_is_read_back(exported, tmp_path):
+    """The GGUF LoRA file is read back and its tensors equal the adapter's (A as stored, B as stored)."""
+    import gguf
+    from safetensors.numpy import load_file
+    e = exported["phi3"]
+    out = tmp_path / "a.gguf"
+    assert run_cli("export", "--adapter_path", e["adapter"], "--format", "lora", "--output", out) == 0
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(out)).tensors}
+    stored = load_file(str(e["adapter"] / "adapter_model.safetensors"))
+    assert len(tensors) == len(stored)
+    qkv = [k for k in stored if "layers.0." in k and "qkv_proj.lora_B" in k][0]
+    assert np.array_equal(tensors["blk.0.attn_qkv.weight.lora_b"], stored[qkv])
+
+
+# ---------------------------------------------------------------- the Ollama Modelfile and the file's name
+
+def test_ollama_export_refuses_to_replace_a_modelfile(exported, tmp_path, capsys):
+    e = exported["phi"]
+    first = tmp_path / "Modelfile"
+    first.write_text("FROM ./first.gguf\n")
+    out = tmp_path / "second.gguf"
+    assert run_cli("export", "--adapter_path", e["adapter"], "--output", out, "--format", "ollama") == 2
+    err = capsys.readouterr().err
+    assert str(first) in err and "--force" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile"]
+    assert first.read_text() == "FROM ./first.gguf\n"
+    assert run_cli("export", "--adapter_path", e["adapter"], "--output", out, "--format", "ollama", "--force") == 0
+    assert "FROM ./second.gguf" in first.read_text()
+
+
+def _general_name(path):
+    import gguf
+    field = gguf.GGUFReader(str(path)).fields["general.name"]
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+@pytest.mark.parametrize("layout, want", [("my-e2e-run/final_adapter", "my-e2e-run"),
+                                          ("my-e2e-run/best_adapter", "my-e2e-run"),
+                                          ("adapters/ckpt-7", "ckpt-7"),
+                                          ("phi3-vs-smol/final_adapter", "phi 3-vs-smol")])
+def test_gguf_is_named_after_the_run(exported, llamacpp, tmp_path, layout, want):
+    """general.name is the training run's name. A name llama.cpp would read as Phi-3's (which makes special
+    tokens swallow the newline after them) is kept off a model whose tokenizer does not do that."""
+    e = exported["llama"]
+    adapter = tmp_path / layout
+    shutil.copytree(e["adapter"], adapter)
+    out = tmp_path / "m.gguf"
+    assert run_cli("export", "--adapter_path", adapter, "--output", out, "--outtype", "f32") == 0
+    assert _general_name(out) == want
+    rendered = e["template"].render_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                            {"role": "user", "content": "c"}])
+    assert llamacpp({"model": str(out), "tokenize": [rendered]})["tokens"][0] == e["tok"](
+        rendered, add_special_tokens=False)["input_ids"]

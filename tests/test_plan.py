@@ -162,3 +162,27 @@ def test_train_preflight_warns_with_a_fitting_suggestion():
     assert re.match(r"warning: this run needs about \d+\.\d GiB at its longest batch \(8 x 2048 tokens\) and cuda "
                     r"has 24\.0 GiB; use --batch_size \d --gradient_accumulation_steps \d+", warning), warning
     assert "lower --max_length" in memory.preflight(*args, capacity_bytes=2 * memory.GIB)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_plan_memory_gib_must_be_positive(value, tmp_path, capsys):
+    assert run_cli("plan", "--model", "microsoft/phi-2", "--memory_gib", value) == 2
+    out = capsys.readouterr()
+    assert "memory_gib: must be a positive number of GiB" in out.err and out.out == ""
+
+
+def test_plan_measure_without_data_fails_before_printing(capsys):
+    assert run_cli("plan", "--model", "microsoft/phi-2", "--measure") == 2
+    out = capsys.readouterr()
+    assert "--measure needs --dataset_path" in out.err and out.out == ""
+
+
+def test_plan_options_are_accepted_in_yaml(tiny_models, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say hello", "response": "Hello there!"}] * 4)
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text(f"model: {tiny_models['phi']}\ndataset_path: {data}\nmax_length: 64\nmemory_gib: 0.001\n")
+    assert run_cli("plan", "--config", cfg) == 0
+    assert "planning for 0.001 GiB" in capsys.readouterr().out
+    table = tmp_path / "table.md"
+    cfg.write_text(f"table: {table}\n")
+    assert run_cli("plan", "--config", cfg) == 0 and "| microsoft/phi-2 |" in table.read_text()

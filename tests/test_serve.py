@@ -158,3 +158,51 @@ def test_load_200_requests_from_20_clients(server):
     after = rss()
     assert after <= 1.10 * before, (before, after)
 
+
+
+def test_openai_client_gets_logprobs_usage_chunk_and_max_completion_tokens(server):
+    url, _ = server
+    c = client(url)
+    red = [{"role": "user", "content": "Say the code for red"}]
+    whole = c.chat.completions.create(model="tuned", messages=red, temperature=0, logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == whole.choices[0].message.content == "The code for red is one."
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and t.logprob <= 0 for t in content)
+    chunks = list(c.chat.completions.create(model="tuned", messages=red, temperature=0, logprobs=True, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    streamed = [t.token for ch in chunks[:-1] if ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert streamed == [t.token for t in content]
+    done = c.completions.create(model="tuned", prompt="The quick brown", max_tokens=5, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text and len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    short = c.chat.completions.create(model="base", messages=red, max_completion_tokens=3)
+    assert short.usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        c.chat.completions.create(model="base", messages=red, presence_penalty=1.0)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        c.chat.completions.create(model="base", messages=red, response_format={"type": "json_object"})
+
+
+def test_serve_refuses_other_sites(server):
+    """The review's request: a foreign Host (DNS rebinding) and a foreign Origin with a text/plain body."""
+    url, _ = server
+    root = url[:-len("/v1")]
+    port = root.rsplit(":", 1)[1]
+    body = json.dumps({"model": "tuned", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for path, data, headers, want in [
+            ("/phitune/info", None, {"Host": f"attacker.example:{port}"}, 403),
+            ("/v1/models", None, {"Host": f"attacker.example:{port}"}, 403),
+            ("/v1/chat/completions", body, {"Host": f"attacker.example:{port}", "Origin": "http://attacker.example",
+                                            "Content-Type": "text/plain"}, 403),
+            ("/v1/chat/completions", body, {"Origin": "http://attacker.example",
+                                            "Content-Type": "application/json"}, 403),
+            ("/v1/chat/completions", body, {"Content-Type": "text/plain"}, 415),
+            ("/v1/models", None, {"Host": f"localhost:{port}"}, 200)]:
+        req = urllib.request.Request(root + path, data=data, headers={"Authorization": f"Bearer {KEY}", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        assert status == want, (path, headers)

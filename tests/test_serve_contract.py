@@ -34,7 +34,7 @@ def test_stop_string_split_across_pieces_is_cut(loaded):
     with client(loaded) as c:
         whole = c.post("/v1/chat/completions", headers=AUTH,
                        json={"model": "tuned", "messages": RED, "temperature": 0, "stop": "for red"}).json()
-        assert whole["choices"][0]["message"]["content"] == "The code"
+        assert whole["choices"][0]["message"]["content"] == "The code "  # as streamed: nothing stripped
         assert whole["choices"][0]["finish_reason"] == "stop"
         with c.stream("POST", "/v1/chat/completions", headers=AUTH,
                       json={"model": "tuned", "messages": RED, "temperature": 0, "stop": ["for red"],
@@ -106,7 +106,7 @@ def test_key_covers_every_route_but_health(loaded):
 def test_body_limit_holds_without_a_content_length(loaded):
     with client(loaded, max_body_bytes=1000) as c:
         chunks = (b"x" * 500 for _ in range(10))  # chunked transfer: the server learns the size as it reads
-        r = c.post("/v1/chat/completions", headers=AUTH, content=chunks)
+        r = c.post("/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"}, content=chunks)
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
@@ -192,3 +192,94 @@ def test_a_whole_answer_stops_when_the_client_hangs_up(loaded):
              "root_path": ""}
     asyncio.run(app(scope, receive, send))
     assert submitted[0].finish_reason == "cancelled" and len(submitted[0].tokens) < 1900
+
+
+# ------------------------------------------------------------------ bodies, render, created, same text, keys
+
+def test_render_body_is_bounded_like_every_post(loaded):
+    """/phitune/render once read any body whole (20 MB answered after 47 s): the same 413 as the API routes."""
+    big = {"model": "base", "messages": [{"role": "user", "content": "x" * 5000}]}
+    with client(loaded, max_body_bytes=1000) as c:
+        for path in ("/phitune/render", "/v1/chat/completions", "/v1/completions"):
+            r = c.post(path, headers=AUTH, json=big)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", path
+            chunks = (b"x" * 500 for _ in range(10))  # no Content-Length
+            r = c.post(path, headers={**AUTH, "Content-Type": "application/json"}, content=chunks)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", path
+        ok = c.post("/phitune/render", headers=AUTH, json={"model": "tuned", "messages": RED})
+        assert ok.status_code == 200 and ok.json()["prompt"].endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("body,param", [({"model": ["a"], "messages": RED}, "model"),
+                                        ({"model": {"a": 1}, "messages": RED}, "model"),
+                                        ({"model": "base", "messages": []}, "messages"),
+                                        ({"model": "base", "messages": [{"role": "user"}]}, "messages.0.content"),
+                                        ([1, 2], None)])
+def test_render_answers_openai_shaped_400s(loaded, body, param):
+    with client(loaded) as c:
+        r = c.post("/phitune/render", headers=AUTH, json=body)
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_created_is_the_time_of_the_request(loaded):
+    with client(loaded) as c:
+        time.sleep(1.5)
+        before = int(time.time())
+        whole = c.post("/v1/chat/completions", headers=AUTH, json={"model": "tuned", "messages": RED,
+                                                                   "max_tokens": 2}).json()
+        with c.stream("POST", "/v1/completions", headers=AUTH,
+                      json={"model": "base", "prompt": "one", "max_tokens": 2, "stream": True}) as r:
+            chunk = sse(r)[0]
+    assert whole["created"] >= before and chunk["created"] >= before
+
+
+def test_whole_and_streamed_answers_are_the_same_text(loaded):
+    """The whole answer was stripped, the streamed one not: a stop string that leaves a trailing space showed it."""
+    with client(loaded) as c:
+        for body in ({"model": "tuned", "messages": RED, "temperature": 0, "stop": "is"},
+                     {"model": "base", "messages": RED, "temperature": 0, "max_tokens": 12}):
+            whole = c.post("/v1/chat/completions", headers=AUTH, json=body).json()["choices"][0]["message"]["content"]
+            with c.stream("POST", "/v1/chat/completions", headers=AUTH, json={**body, "stream": True}) as r:
+                streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in sse(r) if e["choices"])
+            assert whole == streamed
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("value", [3.0, "5", True])
+def test_token_limits_are_whole_numbers(loaded, field, value):
+    with client(loaded) as c:
+        r = c.post("/v1/chat/completions", headers=AUTH, json={"model": "base", "messages": RED, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+
+
+def test_key_is_a_bearer_token_in_any_case(loaded):
+    with client(loaded) as c:
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            assert c.get("/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+        for wrong in (f"Bearer {KEY}x", f"Basic {KEY}", KEY, "Bearer", f"Bearer  {KEY[:-1]}"):
+            assert c.get("/v1/models", headers={"Authorization": wrong}).status_code == 401
+
+
+def test_a_queue_of_zero_is_refused_at_start(capsys):
+    from conftest import run_cli
+    assert run_cli("serve", "--max_queue", "0") == 2
+    assert "max_queue" in capsys.readouterr().err
+
+
+def test_an_adapter_named_base_is_refused(memorised_adapter, tmp_path, capsys):
+    """'base' is the base model's name on the page, in compare and on the API: an adapter cannot take it."""
+    import shutil
+
+    from conftest import run_cli
+    from phitune.errors import PhituneError
+    run = tmp_path / "runs" / "base"
+    shutil.copytree(memorised_adapter, run / "final_adapter")
+    with pytest.raises(PhituneError, match=r"adapter .*base.* name=DIR"):
+        gen.load([str(run / "final_adapter")], precision="fp32")
+    questions = tmp_path / "q.yaml"
+    questions.write_text("questions: [Say the code for red]\n")
+    assert run_cli("compare", "--adapter_path", f"base={memorised_adapter}", "--questions", questions) == 2
+    err = capsys.readouterr().err
+    assert "'base'" in err and "base-tuned=" in err

@@ -202,3 +202,83 @@ def test_inspect_bad_data_is_exit_2(tmp_path, capsys):
     path = _csv(tmp_path / "q.csv", PAIRS)
     assert run_cli("data", "inspect", path, "--columns", "prompt=question,response=answr") == 2
     assert "column 'answr' named in --columns is missing" in capsys.readouterr().err
+
+
+def test_sharegpt_without_columns_points_to_the_mapping(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]
+    for path in (_json(tmp_path / "sg.json", rows), tmp_path / "sg.jsonl"):
+        path.write_text(json.dumps(rows) if path.suffix == ".json" else json.dumps(rows[0]) + "\n")
+        with pytest.raises(DataError) as err:
+            data.read_records(path)
+        msg = str(err.value)
+        assert "--columns messages=conversations" in msg and "did you mean" not in msg, msg
+
+
+def test_pretty_printed_single_object_asks_for_an_array(tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"prompt": "p", "response": "r"}, indent=2))
+    with pytest.raises(DataError, match=r"one.json: holds one JSON object; expected an array of records "
+                                        r"\(\[\{\.\.\.\}, \{\.\.\.\}\]\) or JSON lines"):
+        data.read_records(one)
+    pretty_array = tmp_path / "arr.jsonl"
+    pretty_array.write_text(json.dumps([{"prompt": "p", "response": "r"}], indent=2))
+    with pytest.raises(DataError, match=r"arr.jsonl: holds a JSON array, not JSON lines; name it .json"):
+        data.read_records(pretty_array)
+
+
+def test_csv_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"prompt,response\na,b\nc,d\n\"caf\xe9\",e\n")
+    with pytest.raises(DataError, match=r"latin1.csv:4: not valid UTF-8 at byte 5 of the line"):
+        data.read_records(path)
+
+
+LONG_ROWS = PAIRS + [{"question": "Tell a long story", "answer": " ".join(["one two three four five"] * 20)},
+                     {"question": " ".join(["a long question"] * 30), "answer": "Short."}]
+
+
+def _encoded(tiny_models, path, max_length, long_examples):
+    from phitune.data.templates import Template
+    from phitune.models.loading import load_tokenizer
+    template = Template(load_tokenizer(str(tiny_models["phi3"])))
+    return data.encode_records(data.read_records(path, columns=MAP)[0], template, max_length,
+                               long_examples=long_examples)[1]
+
+
+@pytest.mark.parametrize("long_examples", ["truncate", "drop"])
+def test_inspect_counts_tokens_as_training_will_see_them(tiny_models, tmp_path, capsys, long_examples):
+    path = _parquet(tmp_path / "qa.parquet", LONG_ROWS)
+    assert run_cli("data", "inspect", path, "--columns", MAP, "--model", tiny_models["phi3"], "--max_length", 40,
+                   "--long_examples", long_examples) == 0
+    out = capsys.readouterr().out
+    stats = _encoded(tiny_models, path, 40, long_examples)
+    assert re.search(rf"\n  tokens +{stats.tokens:,} \({stats.answer_tokens:,} trained\)", out), out
+    if long_examples == "drop":
+        assert "longer than 40  2 (40.0%): 2 would be dropped (--long_examples drop)" in out
+        assert "cut at --max_length" not in out and "dropped by --long_examples drop" in out
+    else:
+        assert "longer than 40  2 (40.0%): 1 would be truncated" in out
+
+
+def test_inspect_takes_a_training_config(tiny_models, tmp_path, capsys):
+    path = _parquet(tmp_path / "qa.parquet", LONG_ROWS)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny_models['phi3']}\ndataset_path: {path}\ncolumns: {MAP}\nmax_length: 40\n"
+                   f"long_examples: drop\nbatch_size: 2\noutput_dir: {tmp_path / 'run'}\nlearning_rate: 1e-3\n")
+    assert run_cli("data", "inspect", "--config", cfg, "--examples", 1) == 0
+    out = capsys.readouterr().out
+    stats = _encoded(tiny_models, path, 40, "drop")
+    assert re.search(rf"\n  tokens +{stats.tokens:,} \({stats.answer_tokens:,} trained\)", out), out
+    assert out.count("--- ") == 1
+    cfg.write_text("max_lenght: 40\n")
+    assert run_cli("data", "inspect", path, "--config", cfg) == 2
+    assert "max_lenght: unknown key; did you mean max_length?" in capsys.readouterr().err
+
+
+def test_inspect_help_and_flags_match_train(capsys):
+    assert run_cli("data", "inspect", "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 1024)", "(default: truncate)", "--long_examples {truncate,drop}",
+                  "--train_on_prompt, --no_train_on_prompt", "--trust_remote_code, --no_trust_remote_code",
+                  "--config CONFIG"):
+        assert shown in text, shown

@@ -33,8 +33,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def get(url, key=KEY):
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+def get(url, key=KEY, headers=None, data=None):
+    """(status, body) of a GET, or of a POST of `data`."""
+    req = urllib.request.Request(url, data=data, headers={**({"Authorization": f"Bearer {key}"} if key else {}),
+                                                          **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, r.read()
@@ -287,6 +289,22 @@ def test_text_from_models_and_users_is_never_html(server, browser):
     page.close()
 
 
+def test_a_stream_that_ends_without_done_is_a_lost_connection(server, browser):
+    """The server went away mid-answer: the stream ends without [DONE]. That is not "stopped by you"."""
+    page = open_page(browser, server)
+    chunk = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Half an ans"}, "finish_reason": None}]}
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, body=f"data: {json.dumps(chunk)}\n\n", content_type="text/event-stream"))
+    ask(page, "one two three", max_tokens=5)
+    h = history(page)
+    for name in ("base", "tuned"):
+        stats = page.locator(f".column[data-model={name}] .stats").text_content()
+        assert "connection lost" in stats and "stopped by you" not in stats
+        assert h[name][-1]["content"] == "Half an ans" and h[name][-1]["stats"]["finish_reason"] == "lost"
+    assert not page.errors
+    page.close()
+
+
 def test_runs_tab_draws_the_curves_of_metrics_jsonl(server, browser, memorised_adapter):
     rows = [json.loads(line) for line in (memorised_adapter.parent / "metrics.jsonl").read_text().splitlines()]
     page = open_page(browser, server)
@@ -374,6 +392,13 @@ def test_compare_web_serves_the_same_page(browser, memorised_adapter):
         ask(page, RED, max_tokens=20)
         assert history(page)["tuned"][-1]["content"] == "The code for red is one."
         page.close()
+        # no key here: other sites must not reach it (DNS rebinding, cross-origin and text/plain posts)
+        port = url.rsplit(":", 1)[1]
+        assert get(f"{url}/phitune/info", key=None, headers={"Host": f"attacker.example:{port}"})[0] == 403
+        body = json.dumps({"model": "tuned", "messages": [{"role": "user", "content": RED}]}).encode()
+        for headers, want in (({"Origin": "http://attacker.example", "Content-Type": "application/json"}, 403),
+                              ({"Content-Type": "text/plain"}, 415), ({"Content-Type": "application/json"}, 200)):
+            assert get(f"{url}/v1/chat/completions", key=None, headers=headers, data=body)[0] == want, headers
     finally:
         stop_server(proc)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from phitune.config import add_arguments, settings
@@ -61,10 +62,15 @@ def main(args: argparse.Namespace) -> int:
 
 def answer(loaded: gen.Loaded, conversation: list[dict[str, str]], sampling: Sampling, adapter: str | None,
            echo: bool = True) -> str:
-    """Stream one answer; returns its text. Ctrl-C ends the answer early and keeps what was said."""
+    """Stream one answer; returns its text. Ctrl-C ends the answer early and keeps what was said. Raises
+    gen.ContextOverflow, before anything is generated, when the conversation and its answer would pass the
+    model's context."""
+    ids = loaded.template_for(adapter).encode_prompt(conversation)
+    if loaded.room(len(ids), sampling.max_new_tokens) < sampling.max_new_tokens:
+        raise gen.ContextOverflow(0, len(ids), sampling.max_new_tokens, loaded.context)
     cancel = threading.Event()
     text = ""
-    pieces = gen.stream(loaded, conversation, sampling, adapter=adapter, cancel=cancel)
+    pieces = gen.stream_ids(loaded, ids, sampling, adapter=adapter, cancel=cancel)
     try:
         for piece in pieces:
             text += piece
@@ -113,10 +119,22 @@ class Session:
                     return
                 continue
             self.history.append({"role": "user", "content": line})
+            try:
+                self._check_room()
+            except gen.ContextOverflow as e:
+                self.history.pop()
+                print(f"(too long for the model: {e}. /reset starts a new conversation (/save FILE first keeps "
+                      f"this one); /max_tokens N asks for a shorter answer)")
+                continue
             sys.stdout.write("model> ")
             sys.stdout.flush()
             reply = answer(self.loaded, self.history, self.sampling, self.adapter)
             self.history.append({"role": "assistant", "content": reply})
+
+    def _check_room(self) -> None:
+        ids = self.loaded.template_for(self.adapter).encode_prompt(self.history)
+        if self.loaded.room(len(ids), self.sampling.max_new_tokens) < self.sampling.max_new_tokens:
+            raise gen.ContextOverflow(0, len(ids), self.sampling.max_new_tokens, self.loaded.context)
 
     def command(self, line: str) -> str | None:
         """Carry out one /command line; returns "quit" to end the session, else None."""
@@ -135,8 +153,13 @@ class Session:
                 self.history = []
                 print(f"(system prompt {'set' if arg else 'cleared'}; conversation cleared)")
             elif name == "/temp":
-                self.sampling.temperature = _number(arg, float, "/temp X", low=0)
-                print(f"(temperature {self.sampling.temperature})")
+                temperature = _number(arg, float, "/temp X", low=0)
+                problem = replace(self.sampling, temperature=temperature).problem()
+                if problem:
+                    raise PhituneError(f"usage: /temp X ({problem[1]})")
+                self.sampling.temperature = temperature
+                greedy = " (greedy)" if self.sampling.greedy and temperature else ""
+                print(f"(temperature {temperature}{greedy})")
             elif name == "/max_tokens":
                 self.sampling.max_new_tokens = _number(arg, int, "/max_tokens N", low=1)
                 print(f"(max tokens {self.sampling.max_new_tokens})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -39,9 +40,22 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         mod = importlib.import_module(module) if name == wanted else None
         p = sub.add_parser(name, help=help_text, description=help_text)
         if mod is not None:
+            p.set_defaults(_parser=p)  # a nested action's parser (data inspect) replaces it
             mod.add_parser(p)
             p.set_defaults(_main=mod.main)
     return parser
+
+
+def unknown_flags(parser: argparse.ArgumentParser, extra: list[str]) -> NoReturn:
+    """Refuse arguments `parser` (a subcommand's) does not take, with its usage and the closest flag it has."""
+    shown = {s.lstrip("-"): s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+    hints = []
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--"):
+            close = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), shown, n=1)
+            hints += [f"did you mean {shown[close[0]]}?"] if close else []
+    parser.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; {' '.join(hints)}" if hints else ""))
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -51,7 +65,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     # Library deprecation notices are for phitune's developers, not its users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        unknown_flags(getattr(args, "_parser", parser), extra)
     args._argv = argv  # the command line as given, for commands that relaunch themselves
     if not getattr(args, "_main", None):
         parser.print_help()

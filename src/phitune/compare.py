@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
         raise PhituneError("--web shows the page for your own questions; drop --questions (or --web)")
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
     if args.web:
-        return _web(loaded, args.port)
+        return _web(loaded, args.port, args.allowed_hosts)
     columns = [None] + list(loaded.adapters)  # None = base
     colour = sys.stdout.isatty() and not args.no_color
     print(f"{DIM if colour else ''}base: {loaded.base_name}; adapters: "
@@ -89,22 +89,20 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _web(loaded, port):
+def _web(loaded, port, allowed_hosts=()):
     """The page of `phitune serve` for this base and these adapters, on localhost only."""
     import os
     import threading
     import webbrowser
 
-    import uvicorn
-
-    from phitune.serving.routes import build_app
-    app = build_app(loaded)
+    from phitune.serving.routes import build_app, server
+    app = build_app(loaded, host="127.0.0.1", allowed_hosts=allowed_hosts)
     url = f"http://127.0.0.1:{port}/"
     print(f"phitune compare: base and {', '.join(loaded.adapters) or 'no adapter'} side by side at {url} "
           f"(Ctrl-C stops)", file=sys.stderr, flush=True)
     if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32"):
         threading.Timer(1.0, webbrowser.open, (url,)).start()
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    server(app, "127.0.0.1", port).run()
     return 0
 
 
@@ -118,9 +116,20 @@ def run_batch(loaded: gen.Loaded, questions: list, columns: list, sampling: gen.
         for col in columns:
             jobs.append(([{"role": "user", "content": q["prompt"]}], col, s))
             where.append((i, _label(col)))
-    for (i, label), answer in zip(where, gen.generate_jobs(loaded, jobs, batch_size=batch_size)):
+    try:
+        answers = gen.generate_jobs(loaded, jobs, batch_size=batch_size)
+    except gen.ContextOverflow as e:
+        i, label = where[e.index]
+        raise PhituneError(f"question {i + 1} ({_short(questions[i]['prompt'])}) for {label}: {e}; shorten the "
+                           f"question or lower max_new_tokens") from None
+    for (i, label), answer in zip(where, answers):
         rows[i]["answers"][label] = answer
     return rows
+
+
+def _short(text, n=40):
+    text = " ".join(text.split())
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
 
 
 def _repl(loaded, columns, sampling, colour):
@@ -142,6 +151,9 @@ def _repl(loaded, columns, sampling, colour):
             row = run_batch(loaded, [{"prompt": prompt}], columns, sampling)[0]
         except KeyboardInterrupt:
             print("\n(interrupted)")
+            continue
+        except PhituneError as e:  # e.g. a question too long for the model's context: the session goes on
+            print(f"error: {e}", file=sys.stderr)
             continue
         show(row, columns, colour)
         rows.append(row)

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +25,12 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+def same_as(cls: type, name: str) -> Any:
+    """A new field with the default, help and checks' metadata of cls's field `name` (one option, two commands)."""
+    f = cls.__dataclass_fields__[name]
+    return opt(default_of(f), **f.metadata)
+
+
 def default_of(f: dataclasses.Field) -> Any:
     """The default value of a dataclass field (a fresh one for default_factory fields)."""
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -39,7 +46,7 @@ def at_least_one(obj: Any, *names: str) -> None:
 @dataclass
 class ModelArgs:
     model: str = opt("microsoft/phi-2", "hub id, local directory, .gguf file, or the demo alias smollm2-135m-instruct")
-    trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code (off unless asked)")
+    trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code")
     quantize: Optional[str] = opt(None, "4bit (QLoRA: NF4, double quantization, bf16 compute) or 8bit base weights; "
                                         "CUDA only, needs bitsandbytes", choices=("4bit", "8bit"))
     precision: str = opt("auto", "auto | bf16 | fp32 | fp16: compute precision (auto: bf16 where the device "
@@ -138,7 +145,7 @@ class TrainArgs:
     max_nonfinite_steps: int = opt(10, "stop after this many optimizer steps in a row with a NaN/inf loss or "
                                        "gradient (each one is skipped and counted)")
     report_to: list = opt([], "experiment trackers to log to: tensorboard, trackio, wandb, mlflow (several "
-                              "allowed; offline where the tracker can be)", nargs="+")
+                              "allowed; offline where the tracker can be), or none (default: none)", nargs="+")
     run_name: Optional[str] = opt(None, "run name shown in the trackers (default: the --output_dir folder name)")
 
     def __post_init__(self) -> None:
@@ -156,6 +163,11 @@ class TrainArgs:
             raise ConfigError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if isinstance(self.report_to, str):
             self.report_to = self.report_to.replace(",", " ").split()
+        if any(name.lower() == "none" for name in self.report_to):  # Hugging Face's spelling of "no trackers"
+            if len(self.report_to) > 1:
+                raise ConfigError("report_to", f"none cannot be combined with a tracker, got "
+                                               f"{' '.join(self.report_to)}")
+            self.report_to = []
         unknown = [name for name in self.report_to if name not in TRACKERS]
         if unknown:
             raise ConfigError("report_to", f"unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
@@ -187,31 +199,69 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+
+
+def _help_text(f: dataclasses.Field, default: Any) -> str:
+    """The field's help with its default appended, unless the help already says it or there is none to show."""
+    text = f.metadata["help"]
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    if "(default" not in text and default is not None and default != []:
+        text += f" (default: {' '.join(default) if isinstance(default, list) else default})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+class _Toggle(argparse.Action):
+    """--name turns a boolean on, --no_name turns it off (the first option string is the positive one)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, option_string == self.option_strings[0])
+
+    def format_usage(self) -> str:
+        """Both spellings in the usage line, as argparse's BooleanOptionalAction shows them."""
+        return " | ".join(self.option_strings)
+
+
 def add_arguments(parser: argparse.ArgumentParser, groups: dict[str, type] = GROUPS) -> None:
-    """Add one flag per dataclass field; defaults are SUPPRESSed so we can tell which flags were given."""
+    """Add one flag per dataclass field; defaults are SUPPRESSed so we can tell which flags were given.
+
+    Spelling: --field_name VALUE; booleans are --name / --no_name. Earlier spellings (--no-name, and the
+    fields' `aliases` such as --api-key) still parse but are left out of --help.
+    """
     for title, cls in groups.items():
         group = parser.add_argument_group(title)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             kind = _base_type(hints[f.name])
-            default = default_of(f)
-            shown = " ".join(default) if isinstance(default, list) else default
-            help_text = f"{f.metadata['help']} (default: {shown})"
-            kw = dict(default=argparse.SUPPRESS, help=help_text)
-            flags = [f"--{f.name}", *f.metadata.get("aliases", ())]
-            if kind is list and f.metadata.get("repeat"):
-                group.add_argument(*flags, action="append", **kw)
-            elif kind is bool:
-                group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
-            elif f.metadata.get("switch"):  # --name (= true), --no-name (= false) or --name VALUE
-                group.add_argument(f"--{f.name}", nargs="?", const="true", type=str.lower,
-                                   choices=f.metadata["choices"], **kw)
-                group.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const="false",
-                                   default=argparse.SUPPRESS, help=f"same as --{f.name} false")
-            elif kind is list:
-                group.add_argument(*flags, nargs="+", **kw)
+            name = f"--{f.name}"
+            kw: dict[str, Any] = dict(default=argparse.SUPPRESS)
+            hidden = []  # (spelling, keywords): accepted, not shown
+            if kind is bool:
+                negative = [] if f.name.startswith("no_") else [f"--no_{f.name}"]
+                group.add_argument(name, *negative, action=_Toggle, help=_help_text(f, default_of(f)), **kw)
+                hidden.append((f"--no-{f.name}", dict(action="store_false")))
+            elif f.metadata.get("switch"):  # --name (= true), --no_name (= false) or --name VALUE
+                group.add_argument(name, nargs="?", const="true", type=str.lower, choices=f.metadata["choices"],
+                                   help=_help_text(f, default_of(f)), **kw)
+                group.add_argument(f"--no_{f.name}", dest=f.name, action="store_const", const="false",
+                                   help=f"same as {name} false", **kw)
+                hidden.append((f"--no-{f.name}", dict(action="store_const", const="false")))
             else:
-                group.add_argument(*flags, type=kind, choices=f.metadata.get("choices"), **kw)
+                if kind is list:
+                    kw.update(dict(action="append") if f.metadata.get("repeat") else dict(nargs="+"))
+                else:
+                    kw.update(type=kind, choices=f.metadata.get("choices"))
+                group.add_argument(name, help=_help_text(f, default_of(f)), **kw)
+                hidden += [(alias, {k: v for k, v in kw.items() if k != "default"})
+                           for alias in f.metadata.get("aliases", ())]
+            for spelling, extra in hidden:
+                group.add_argument(spelling, dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **extra)
     parser.add_argument("--config", help="YAML file of the same fields; flags given on the command line win")
 
 
@@ -229,43 +279,55 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(args: argparse.Namespace, groups: dict[str, type] = GROUPS) -> dict[str, Any]:
-    """Merge dataclass defaults, the --config YAML and explicit flags, then validate every field."""
+def build_config(args: argparse.Namespace, groups: dict[str, type] = GROUPS, also_known: Iterable[str] = ()
+                 ) -> dict[str, Any]:
+    """Merge dataclass defaults, the --config YAML and explicit flags, then validate every field.
+
+    A YAML value goes through the same checks as the flag would (type, choices, the dataclass's own);
+    a YAML null on a field that can be unset means "not given". also_known: YAML keys accepted and
+    ignored (another command's fields, so that one file can serve both).
+    """
     known = {f.name: name for name, cls in groups.items() for f in dataclasses.fields(cls)}
-    values = {}
+    values, where = {}, {}
     if getattr(args, "config", None):
         data = load_yaml(args.config)
         for key, value in data.items():
-            if key not in known:
+            if key in known:
+                values[key], where[key] = value, f"{args.config}: {key}"
+            elif key not in also_known:
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f"; did you mean {close[0]}?" if close else ""
                 raise ConfigError(f"{args.config}: {key}", f"unknown key{hint}")
-            values[key] = value
-    values.update({k: v for k, v in vars(args).items() if k in known})
+    flags = {k: v for k, v in vars(args).items() if k in known}
+    values.update(flags)
+    where.update({k: k for k in flags})
     parts = {}
     for name, cls in groups.items():
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for f in dataclasses.fields(cls):
-            if f.name in values:
-                kwargs[f.name] = _coerce(f.name, values[f.name], _base_type(hints[f.name]), f)
+            value = values.get(f.name)
+            if value is None and f.name in values and not _optional(hints[f.name]):
+                raise ConfigError(where[f.name], f"has no value; give one ({_base_type(hints[f.name]).__name__}) or "
+                                                 f"remove the line to keep the default")
+            if value is not None:
+                kwargs[f.name] = _coerce(where[f.name], value, _base_type(hints[f.name]), f)
             elif f.metadata.get("required"):
-                raise ConfigError(f.name, "is required")
+                raise PhituneError(f"--{f.name} is required (or {f.name}: in the --config file)")
         parts[name] = cls(**kwargs)
     return parts
 
 
-def settings(args: argparse.Namespace, groups: dict[str, type]) -> Any:
+def settings(args: argparse.Namespace, groups: dict[str, type], also_known: Iterable[str] = ()) -> Any:
     """A command's typed, validated settings as one namespace (field -> value), plus each part by group name."""
     import types
-    parts = build_config(args, groups)
+    parts = build_config(args, groups, also_known)
     flat = {k: v for part in parts.values() for k, v in dataclasses.asdict(part).items()}
     return types.SimpleNamespace(**flat, parts=parts, _argv=getattr(args, "_argv", None))
 
 
 def _coerce(name: str, value: Any, kind: type, f: dataclasses.Field) -> Any:
-    if value is None:
-        return None
+    """value (from a flag or YAML) as the field's type, or ConfigError naming the field, as a bad flag would."""
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -274,7 +336,11 @@ def _coerce(name: str, value: Any, kind: type, f: dataclasses.Field) -> Any:
         if f.metadata.get("switch") and isinstance(value, bool):  # YAML true/false
             value = "true" if value else "false"
         if kind is list:
-            return value if isinstance(value, list) else str(value).replace(",", " ").split()
+            if isinstance(value, dict):
+                raise ValueError
+            return [str(v) for v in value] if isinstance(value, list) else str(value).replace(",", " ").split()
+        if isinstance(value, (bool, list, dict)):  # YAML's yes/no, [..] and {..} are not numbers or text
+            raise ValueError
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         value = kind(value)

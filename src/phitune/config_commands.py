@@ -5,11 +5,12 @@ validated in __post_init__ with a message that names the field; flags given on t
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Optional
 
-from phitune.config import at_least_one, opt
+from phitune.config import DataArgs, ModelArgs, at_least_one, opt, same_as
 from phitune.errors import ConfigError
 from phitune.exporting.gguf_writer import OUTTYPES
 from phitune.generation.engine import Sampling
@@ -53,13 +54,11 @@ class SamplingArgs:
     seed: Optional[int] = opt(None, "seed for sampling (a random one is drawn and recorded when sampling)")
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
         at_least_one(self, "max_new_tokens")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ConfigError("top_k" if self.top_k < 0 else "repetition_penalty", "must be positive")
+        problem = Sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k,
+                           self.repetition_penalty).problem()  # the engine's own rules (nan, inf, ranges)
+        if problem:
+            raise ConfigError(*problem)
 
     def sampling(self) -> Sampling:
         """These settings as an engine Sampling, with a random seed drawn (and kept) when sampling unseeded."""
@@ -90,6 +89,9 @@ class CompareArgs:
     web: bool = opt(False, "compare in the browser instead: serve the page of `phitune serve` on 127.0.0.1 "
                            "and print its address")
     port: int = opt(8000, "port of the page with --web")
+    allowed_hosts: list = opt([], "with --web: another host name the page may be reached by (the server answers "
+                                  "only requests for 127.0.0.1, localhost and IP addresses: DNS rebinding); "
+                                  "repeat for several", repeat=True)
 
     def __post_init__(self) -> None:
         at_least_one(self, "batch_size")
@@ -123,9 +125,12 @@ class ServeArgs:
     max_batch: int = opt(16, "requests generated together in one batch")
     run_dir: list = opt([], "a training run whose curves the page at / shows (repeat for several; each "
                             "adapter's own run is shown without it)", repeat=True)
+    allowed_hosts: list = opt([], "another host name clients reach this server by (a DNS name, or * for any); "
+                                  "requests for names other than localhost, IP addresses and --host are refused "
+                                  "(DNS rebinding); repeat for several", repeat=True)
 
     def __post_init__(self) -> None:
-        at_least_one(self, "max_tokens_limit", "max_body_bytes", "max_batch")
+        at_least_one(self, "max_tokens_limit", "max_body_bytes", "max_batch", "max_queue")
 
 
 @dataclass
@@ -152,3 +157,41 @@ class ExportArgs:
     model: Optional[str] = opt(None, "base model (default: the one the adapter was trained on)")
     tolerance: float = opt(1e-3, "largest allowed merge logit difference")
     trust_remote_code: bool = opt(False, "allow the model repository to run its own Python code")
+    force: bool = opt(False, "with --format ollama: replace a Modelfile that already exists beside the output")
+
+
+@dataclass
+class PlanArgs:
+    """`phitune plan`'s own options (the run itself is described by the training options)."""
+    measure: bool = opt(False, "also run two real training steps of the longest batch and print the measured peak "
+                               "memory and step time (needs --dataset_path)")
+    memory_gib: Optional[float] = opt(None, "plan for a device with this much memory, in GiB (default: this one's)")
+    table: Optional[str] = opt(None, "write the Phi-2 / Phi-3.5-mini table for common devices to this file")
+
+    def __post_init__(self) -> None:
+        if self.memory_gib is not None and not (self.memory_gib > 0 and math.isfinite(self.memory_gib)):
+            raise ConfigError("memory_gib", f"must be a positive number of GiB, got {self.memory_gib}")
+
+
+@dataclass
+class InspectArgs:
+    """`phitune data inspect`: the data options of `phitune train`, read the way training reads them."""
+    dataset_path: Optional[str] = opt(None, "the data, when FILE is not given (e.g. from a training --config)")
+    model: Optional[str] = opt(None, "model whose tokenizer and template count the tokens (default: none; "
+                                     "characters are counted)")
+    trust_remote_code: bool = same_as(ModelArgs, "trust_remote_code")
+    dataset_split: str = same_as(DataArgs, "dataset_split")
+    columns: Optional[str] = same_as(DataArgs, "columns")
+    max_length: int = same_as(DataArgs, "max_length")
+    long_examples: str = same_as(DataArgs, "long_examples")
+    train_on_prompt: bool = same_as(DataArgs, "train_on_prompt")
+    template: str = same_as(DataArgs, "template")
+    system_prompt: Optional[str] = same_as(DataArgs, "system_prompt")
+    examples: int = opt(3, "rendered examples to show (first, median length, longest)")
+
+    def __post_init__(self) -> None:
+        DataArgs(dataset_split=self.dataset_split, columns=self.columns, max_length=self.max_length,
+                 long_examples=self.long_examples, train_on_prompt=self.train_on_prompt, template=self.template,
+                 system_prompt=self.system_prompt)  # train's own checks, so both commands refuse the same values
+        if self.examples < 0:
+            raise ConfigError("examples", f"must be >= 0, got {self.examples}")

@@ -9,6 +9,9 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING
 
+from phitune.config import GROUPS as TRAIN_GROUPS
+from phitune.config import add_arguments, settings
+from phitune.config_commands import InspectArgs
 from phitune.data import records as data
 from phitune.data import sources
 from phitune.errors import PhituneError
@@ -19,36 +22,38 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedTokenizerBase
 
+TRAIN_KEYS = {f for cls in TRAIN_GROUPS.values() for f in cls.__dataclass_fields__}
 OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ trained tokens ⟧
+
+
+GROUPS = {"inspect": InspectArgs}
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     """Add the `data inspect` action and its options to the subcommand parser p."""
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     q = sub.add_parser("inspect", help="format, record count, token lengths, truncation and rendered examples",
-                       description="Read a dataset as `phitune train` would and show what training will see.")
-    q.add_argument("path", metavar="FILE", help="JSONL/JSON/CSV/Parquet file, datasets directory or Hub dataset id")
-    q.add_argument("--model", help="model whose tokenizer and template count the tokens (without it: characters)")
-    q.add_argument("--max_length", type=int, default=1024, help="longest example in tokens, as in train")
-    q.add_argument("--dataset_split", default="train", help="split of a dataset with several splits")
-    q.add_argument("--columns", help="field=column mapping, e.g. prompt=question,response=answer")
-    q.add_argument("--template", default="auto", choices=("auto", "chat", "phi2"), help="as in train")
-    q.add_argument("--system_prompt", help="as in train")
-    q.add_argument("--train_on_prompt", action="store_true", help="as in train: mark prompt tokens as trained")
-    q.add_argument("--trust_remote_code", action="store_true", help="allow the model repository's own code")
-    q.add_argument("--examples", type=int, default=3, help="rendered examples to show")
+                       description="Read a dataset as `phitune train` would and show what training will see. "
+                                   "--config takes a training YAML file (keys inspect has no use for are skipped).")
+    q.set_defaults(_parser=q)
+    q.add_argument("path", metavar="FILE", nargs="?",
+                   help="JSONL/JSON/CSV/Parquet file, datasets directory or Hub dataset id (default: --dataset_path)")
+    add_arguments(q, GROUPS)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run `phitune data inspect` with parsed args; returns the exit code."""
-    if args.max_length < 8:
-        raise PhituneError(f"max_length: must be at least 8 tokens, got {args.max_length}")
-    kind = sources.detect_kind(args.path)
+    path = args.path
+    args = settings(args, GROUPS, also_known=TRAIN_KEYS)
+    path = path or args.dataset_path
+    if not path:
+        raise PhituneError("give the data: FILE, --dataset_path, or dataset_path: in the --config file")
+    kind = sources.detect_kind(path)
     from phitune.data.pair_source import is_pair_source
-    if is_pair_source(args.path, args.dataset_split, args.columns):
-        return inspect_pairs(args, kind)
-    records, fmt = data.read_records(args.path, args.dataset_split, args.columns)
-    print(f"{args.path}\n" + summary([("source", kind), ("record format", fmt), ("records", f"{len(records):,}")]))
+    if is_pair_source(path, args.dataset_split, args.columns):
+        return inspect_pairs(args, path, kind)
+    records, fmt = data.read_records(path, args.dataset_split, args.columns)
+    print(f"{path}\n" + summary([("source", kind), ("record format", fmt), ("records", f"{len(records):,}")]))
     if not args.model:
         chars = [sum(len(m["content"]) for m in r["messages"]) if "messages" in r else len(r["text"])
                  for r in records]
@@ -64,21 +69,29 @@ def main(args: argparse.Namespace) -> int:
         ids, labels = template.encode(r)
         encoded.append((ids, list(ids) if args.train_on_prompt else labels))
     lengths = [len(ids) for ids, _ in encoded]
+    limit, drop = args.max_length, args.long_examples == "drop"
     print(f"\ntokens per example under {args.model} (template {template.kind}, stops at "
           f"{', '.join(template.stop_tokens)})")
-    print(histogram(lengths, marker=args.max_length))
-    _, stats = data.encode_records(records, template, args.max_length, args.train_on_prompt, "truncate")
-    over = sum(n > args.max_length for n in lengths)
-    trained = sum(sum(1 for x in labels[1:] if x != data.IGNORE) for _, labels in encoded)
+    print(histogram(lengths, marker=limit))
+    # the totals of what training keeps: long examples cut or dropped as --long_examples says
+    _, stats = data.encode_records(records, template, limit, args.train_on_prompt, args.long_examples)
+    over = sum(n > limit for n in lengths)
+    fate = f"{stats.dropped} would be dropped (--long_examples drop)" if drop else \
+        f"{stats.truncated} would be truncated (no EOS learned), {stats.dropped} dropped (no answer left)"
     print("\n" + summary([
-        ("tokens", f"{sum(lengths):,} ({trained:,} trained)"),
-        (f"longer than {args.max_length}", f"{over} ({100 * over / len(lengths):.1f}%): {stats.truncated} would be "
-                                           f"truncated (no EOS learned), {stats.dropped} dropped (no answer left)"),
+        ("tokens", f"{stats.tokens:,} ({stats.answer_tokens:,} trained) in the {stats.kept:,} examples training "
+                   f"keeps; {sum(lengths):,} before --max_length"),
+        (f"longer than {limit}", f"{over} ({100 * over / len(lengths):.1f}%): {fate}"),
     ]))
     for title, i in pick_examples(lengths, args.examples):
         ids, labels = encoded[i]
+        if drop and len(ids) > limit:
+            print(f"\n--- {title}: record {i + 1}, {len(ids)} tokens; dropped by --long_examples drop: nothing of it "
+                  f"is trained")
+            print(render_marked(tokenizer, ids, [data.IGNORE] * len(ids)))
+            continue
         print(f"\n--- {title}: record {i + 1}, {len(ids)} tokens; trained part between {OPEN} {CLOSE}")
-        print(render_marked(tokenizer, ids, labels, args.max_length))
+        print(render_marked(tokenizer, ids, labels, limit))
     return 0
 
 
@@ -142,12 +155,12 @@ def _piece(tokenizer: PreTrainedTokenizerBase, run: list[int], trained: bool) ->
     return f"{OPEN}{text}{CLOSE}" if trained else text
 
 
-def inspect_pairs(args: argparse.Namespace, kind: str) -> int:
+def inspect_pairs(args: argparse.Namespace, path: str, kind: str) -> int:
     """`data inspect` on preference data (chosen/rejected): pair count, token lengths, truncation, and pairs shown
     as their prompt once, then the chosen and the rejected answer, each with its trained tokens marked."""
     from phitune.data import pairs as pair_data
-    found, fmt = pair_data.read_pairs(args.path, args.dataset_split, args.columns)
-    print(f"{args.path}\n" + summary([("source", kind), ("record format", fmt), ("records", f"{len(found):,} pairs")]))
+    found, fmt = pair_data.read_pairs(path, args.dataset_split, args.columns)
+    print(f"{path}\n" + summary([("source", kind), ("record format", fmt), ("records", f"{len(found):,} pairs")]))
     if not args.model:
         chars = [sum(len(m["content"]) for m in p["prompt"]) + max(len(p["chosen"]), len(p["rejected"]))
                  for p in found]
@@ -164,7 +177,7 @@ def inspect_pairs(args: argparse.Namespace, kind: str) -> int:
     print(f"\ntokens per pair, the longer of chosen and rejected, under {args.model} (template {template.kind}, "
           f"stops at {', '.join(template.stop_tokens)})")
     print(histogram(lengths, marker=args.max_length))
-    _, stats = pair_data.encode_pairs(found, template, args.max_length, "truncate")
+    _, stats = pair_data.encode_pairs(found, template, args.max_length, args.long_examples)
     print("\n" + stats.report(f"at --max_length {args.max_length}"))
     for title, i in pick_examples(lengths, args.examples):
         e = encoded[i]

@@ -57,6 +57,8 @@ def main(args: argparse.Namespace) -> int:
         if pairs is not None:
             pairs = [p for p in pairs if json.dumps(p["prompt"]) in keep]
     columns = [None] + list(loaded.adapters)
+    generating = not args.no_generate and fmt != "text"
+    jobs = answer_jobs(loaded, questions, columns, args.max_new_tokens) if generating else []  # checked first
     results = {}
     for col in columns:
         label = "base" if col is None else col
@@ -64,10 +66,8 @@ def main(args: argparse.Namespace) -> int:
         results[label] = loss_scores(loaded, records, col, args.max_length, args.batch_size)
         if pairs is not None:
             results[label].update(preference_scores(loaded, pairs, col, args.max_length, args.batch_size))
-    if not args.no_generate and fmt != "text":
+    if generating:
         # every model answers every question, all in the same batches
-        sampling = gen.Sampling(max_new_tokens=args.max_new_tokens)
-        jobs = [(q["messages"], col, sampling) for col in columns for q in questions]
         answers = gen.generate_jobs(loaded, jobs, batch_size=args.batch_size)
         for k, col in enumerate(columns):
             mine = answers[k * len(questions):(k + 1) * len(questions)]
@@ -111,6 +111,33 @@ def preference_scores(loaded: gen.Loaded, pairs: list[dict[str, Any]], adapter: 
     margin = (logps[:, 0] - logps[:, 1]).double()
     return {"preference_accuracy": float((margin > 0).double().mean()), "margin": float(margin.mean()),
             "pairs": len(examples), "pairs_truncated": stats.truncated}
+
+
+def answer_jobs(loaded: gen.Loaded, questions: list[dict[str, Any]], columns: list, max_new_tokens: int) -> list:
+    """(conversation, model, sampling) for every model and question, column by column. A question whose
+    prompt + max_new_tokens passes the model's context is answered in the room left, with a note; one
+    that leaves no room at all is refused, by number, before anything runs."""
+    jobs = []
+    for col in columns:
+        label = "base" if col is None else col
+        for n, q in enumerate(questions, 1):
+            prompt = len(loaded.template_for(col).encode_prompt(q["messages"]))
+            room = loaded.room(prompt, max_new_tokens)
+            where = f"question {n} ({_short(q['messages'][-1]['content'])}) for {label}"
+            if room < 1:
+                raise PhituneError(f"{where}: the prompt is {prompt} tokens and the model's context {loaded.context}: "
+                                   f"no room is left for an answer; drop it from the data (or --limit before it)")
+            if room < max_new_tokens:
+                print(f"note: {where}: the prompt is {prompt} tokens; with max_new_tokens {max_new_tokens} that "
+                      f"passes the model's context of {loaded.context}, so its answer is cut at {room} tokens",
+                      file=sys.stderr)
+            jobs.append((q["messages"], col, gen.Sampling(max_new_tokens=room)))
+    return jobs
+
+
+def _short(text: str, n: int = 40) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
 
 
 def _key(record: dict[str, Any]) -> str:

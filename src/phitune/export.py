@@ -17,7 +17,7 @@ from phitune.config import add_arguments, settings
 from phitune.config_commands import ExportArgs
 from phitune.errors import PhituneError
 from phitune.exporting import gguf_writer
-from phitune.exporting.gguf_file import atomic_write, check_output, write_gguf
+from phitune.exporting.gguf_file import atomic_write, check_output, write_gguf, write_text
 from phitune.exporting.merge import merge_adapter
 from phitune.exporting.ollama import modelfile
 from phitune.models import loading as models
@@ -34,11 +34,22 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     add_arguments(p, GROUPS)
 
 
+def run_name(adapter_path: str | Path) -> str:
+    """The name the exported model carries: the training run's output_dir name for a run's final_adapter/ or
+    best_adapter/, else the adapter folder's own name."""
+    path = Path(adapter_path).resolve()
+    return path.parent.name if path.name in ("final_adapter", "best_adapter") and path.parent.name else path.name
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `phitune export` with parsed args; returns the exit code."""
     args = settings(args, GROUPS)
     out = Path(args.output).expanduser()
     check_output(out)
+    mf = out.with_name("Modelfile")
+    if args.format == "ollama" and mf.exists() and not args.force:
+        raise PhituneError(f"{mf} already exists (another export's instructions?); pass --force to replace it, or "
+                           f"export into another folder")
     meta = read_adapter_meta(args.adapter_path)
     base_name = base_model_name(args.adapter_path, meta, args.model)
     config = models.load_config(base_name, args.trust_remote_code)
@@ -60,18 +71,18 @@ def main(args: argparse.Namespace) -> int:
                            f"nothing was written")
     # The Modelfile is derived before anything is written, so a template it cannot express writes nothing.
     mf_text = modelfile(out.name, template, args.adapter_path) if args.format == "ollama" else None
-    names = write_gguf(out, merged, tokenizer, template, args.outtype, name=Path(args.adapter_path).resolve().name)
+    names = write_gguf(out, merged, tokenizer, template, args.outtype, name=run_name(args.adapter_path))
     size = out.stat().st_size / 2**20
     print(f"check: max |logit difference| merged vs base+adapter = {diff:.2e}; every tensor read back within "
           f"{args.outtype} precision")
     print(f"GGUF written to {out} ({arch}, {args.outtype}, {len(names)} tensors, {size:.1f} MiB)")
     print(f"  llama.cpp:  llama-cli -m {out} -cnv        (the chat template and stop tokens are in the file)")
     if mf_text is not None:
-        mf = out.with_name("Modelfile")
-
-        def write(tmp):
-            tmp.write_text(mf_text, encoding="utf-8")
-        atomic_write(mf, write)
+        try:
+            write_text(mf, mf_text)
+        except PhituneError:
+            out.unlink()  # half an Ollama export is none: the GGUF goes too
+            raise
         print(f"Ollama Modelfile written to {mf}")
         print(f"  ollama:     cd {out.parent} && ollama create {out.stem} -f Modelfile && ollama run {out.stem}")
     sys.stdout.flush()

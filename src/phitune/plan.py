@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from phitune.config import GROUPS as RUN_GROUPS
 from phitune.config import RunConfig, add_arguments, build_config
+from phitune.config_commands import PlanArgs
 from phitune.data import records as data
 from phitune.errors import PhituneError
 from phitune.hardware import backends
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+GROUPS = {**RUN_GROUPS, "plan": PlanArgs}
 EFFICIENCY = {"cpu": 0.25, "cuda": 0.4, "mps": 0.3}
 # The configurations the original Phi-2 README listed by hand: (label, batch, accumulation, max_length,
 # gradient checkpointing, quantize).
@@ -65,11 +68,7 @@ KNOWN_CONFIGS = {
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     """Add the training options and the planner's own (--measure, --memory_gib, --table) to the parser p."""
-    add_arguments(p)
-    p.add_argument("--measure", action="store_true", help="also run two real training steps of the longest batch "
-                                                          "and print the measured peak memory and step time")
-    p.add_argument("--memory_gib", type=float, help="plan for a device with this much memory (default: this one's)")
-    p.add_argument("--table", metavar="FILE", help="write the Phi-2 / Phi-3.5-mini table for common devices to FILE")
+    add_arguments(p, GROUPS)
 
 
 def load_model_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -124,11 +123,15 @@ def epoch_tokens(lengths: list[int], batch_size: int, seed: int = 0) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Run `phitune plan` with parsed args: print the memory and time estimate (or write --table); exit code."""
-    if args.table:
-        write_table(args.table)
-        print(f"wrote {args.table}", file=sys.stderr)
+    parts = build_config(args, GROUPS)
+    own = parts.pop("plan")
+    if own.table:
+        write_table(own.table)
+        print(f"wrote {own.table}", file=sys.stderr)
         return 0
-    cfg = RunConfig(**build_config(args))
+    cfg = RunConfig(**parts)
+    if own.measure and not cfg.data.dataset_path:
+        raise PhituneError("--measure needs --dataset_path (it trains two steps on the longest batch)")
     if cfg.model.quantize and models.pick_device().type != "cuda":
         raise PhituneError(f"quantize: {cfg.model.quantize} training needs CUDA; plan it on the GPU machine, or see "
                            f"the 4-bit rows of docs/planning.md")
@@ -137,8 +140,8 @@ def main(args: argparse.Namespace) -> int:
     device = models.pick_device()
     weights_dtype, compute_dtype = models.precision_plan(device, cfg.model.precision, model_config.model_type)
     capacity, where = device_memory(device)
-    if args.memory_gib:
-        capacity, where = args.memory_gib * GIB, f"{where}; planning for {args.memory_gib:g} GiB"
+    if own.memory_gib is not None:
+        capacity, where = own.memory_gib * GIB, f"{where}; planning for {own.memory_gib:g} GiB"
     lengths, answer_fraction, note, examples, pad_id = _data_lengths(cfg)
     rate = matmul_rate(device, compute_dtype or weights_dtype)
     speed = rate * EFFICIENCY[device.type]
@@ -185,9 +188,10 @@ def main(args: argparse.Namespace) -> int:
                     device=device.type, quantize=cfg.model.quantize, answer_fraction=answer_fraction)
         print("\n  this run does not fit: " + (s.text if s else "not even one example per micro-batch with "
                                                "checkpointing; lower --max_length or use --quantize 4bit (CUDA)"))
-    if args.measure:
+    if own.measure:
         if not examples:
-            raise PhituneError("--measure needs --dataset_path (it trains two steps on the longest batch)")
+            raise PhituneError(f"--measure needs the model's tokenizer, which is not available here for "
+                               f"{cfg.model.model}")
         m = measure(cfg, examples, pad_id, ckpt_this_run)
         err = (first.total_bytes - m["peak_bytes"]) / m["peak_bytes"]
         flops = flops_per_token(shape, first.trainable, m["seq_len"], ckpt_this_run,
@@ -386,7 +390,7 @@ def table_markdown() -> str:
             cuda = estimate_memory(shape, lora, bs, seq, ckpt, bf16, bf16, "cuda", quant, answer_fraction=0.5)
             gpu_fit = " / ".join("yes" if fits(cuda, g * GIB) else "no" for g in GPUS)
             flags = f"`--batch_size {bs} --gradient_accumulation_steps {acc} --max_length {seq}" + \
-                (" --no-gradient_checkpointing" if not ckpt else "") + (f" --quantize {quant}" if quant else "") + "`"
+                (" --no_gradient_checkpointing" if not ckpt else "") + (f" --quantize {quant}" if quant else "") + "`"
             if quant:
                 lines.append(f"| {name} | {flags} | {cuda.total_gib:.1f} GiB | {gpu_fit} | - | - | - |")
                 continue

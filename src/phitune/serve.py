@@ -12,7 +12,7 @@ import sys
 from phitune.config import add_arguments, settings
 from phitune.config_commands import Models, ServeArgs
 from phitune.generation import load as gen
-from phitune.serving.routes import build_app
+from phitune.serving.routes import build_app, server
 
 GROUPS = {"model": Models, "serve": ServeArgs}
 
@@ -22,7 +22,6 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvicorn
     args = settings(args, GROUPS)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"phitune serve: warning: listening on {args.host} without --api-key; anyone who can reach this "
@@ -30,9 +29,10 @@ def main(args: argparse.Namespace) -> int:
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
     app = build_app(loaded, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
                     max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
-                    max_queue=args.max_queue, max_batch=args.max_batch, run_dirs=args.run_dir)
+                    max_queue=args.max_queue, max_batch=args.max_batch, run_dirs=args.run_dir, host=args.host,
+                    allowed_hosts=args.allowed_hosts)
     names = ", ".join(["base", *loaded.adapters])
     print(f"phitune serve: models {names} on http://{args.host}:{args.port}/v1; page: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server(app, args.host, args.port).run()
     return 0

@@ -6,8 +6,12 @@ for plain {"text"} records, one text trained on in full.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,21 +41,22 @@ FORMAT_HELP = ('{"prompt","response"}, {"prompt","completion"}, {"instruction","
 
 # ---------------------------------------------------------------- reading
 
-def read_records(path: str | Path, split: str = "train", columns: dict[str, str] | str | None = None
-                 ) -> tuple[list[dict[str, Any]], str]:
+def read_records(path: str | Path, split: str = "train", columns: dict[str, str] | str | None = None,
+                 notice: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Read a dataset into (records, format): the one entry point for training and evaluation data.
 
     `path` is a JSONL, JSON-array, CSV/TSV or Parquet file, a `datasets` save_to_disk directory, a directory
     of data files, or a Hub dataset id (read through `datasets`, `split` chosen); `columns` maps phitune's
     field names to the source's ({"prompt": "question"} or the --columns text "prompt=question"). Each record
     becomes {"messages": [...]} or {"text": str}. Raises DataError naming the file, the line or row, and the
-    problem.
+    problem. What is read but worth knowing (repeated records, unanswered user turns left out) goes to
+    `notice` (default: printed on stderr).
     """
     if isinstance(columns, str) or columns is None:
         columns = sources.parse_columns(columns)
     kind = sources.detect_kind(path)
     items = sources.mapped(sources.rows(path, kind, split), path, columns)
-    records, fmt = validate_records(items, path, columns)
+    records, fmt = validate_records(items, path, columns, notice)
     if not records:
         expected = "JSONL lines like" if kind == "jsonl" else "records like"
         raise DataError(path, None, f"no records (the file is empty or blank); expected {expected} {FORMAT_HELP}")
@@ -66,13 +71,16 @@ def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str]:
 
 
 def validate_records(items: Iterable[tuple[int | str, Any]], path: str | Path,
-                     columns: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], str]:
+                     columns: dict[str, str] | None = None, notice: Callable[[str], None] | None = None
+                     ) -> tuple[list[dict[str, Any]], str]:
     """Check and normalise (location, raw dict) pairs: one format per source, every record usable.
 
     Returns (records, format). Errors name the location; with a --columns mapping they name the source's
-    column too, so the fix is clear.
+    column too, so the fix is clear. Repeated records and conversations whose trailing user turns were left
+    out pass, and are reported once through `notice` (default: printed on stderr).
     """
     records, fmt, fmt_loc = [], None, None
+    seen, repeated, trimmed = set(), [], []
     for loc, obj in items:
         if not isinstance(obj, dict):
             raise DataError(path, loc, f"expected a JSON object, got {type(obj).__name__}; "
@@ -85,7 +93,15 @@ def validate_records(items: Iterable[tuple[int | str, Any]], path: str | Path,
             elif rec_fmt != fmt:
                 raise DataError(path, loc, f"record is in {rec_fmt} format but {_where(fmt_loc)} is {fmt}; "
                                            f"one file holds one format")
-            records.append(normalise(obj, fmt, path, loc))
+            record = normalise(obj, fmt, path, loc)
+            if fmt == "messages" and obj["messages"][-1]["role"] != "assistant":
+                trimmed.append(loc)
+            text = json.dumps(record, sort_keys=True).encode()
+            key = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")  # small per record
+            if key in seen:
+                repeated.append(loc)
+            seen.add(key)
+            records.append(record)
         except DataError as e:
             if not columns:
                 raise
@@ -93,7 +109,31 @@ def validate_records(items: Iterable[tuple[int | str, Any]], path: str | Path,
             for target, source in columns.items():
                 problem = problem.replace(f"'{target}'", f"'{source}' (--columns {target}={source})")
             raise DataError(path, loc, problem) from None
+    say = notice or _print_notice
+    if repeated:
+        say(f"{path}: notice: {_count(repeated, 'record repeats', 'records repeat')} an earlier one "
+            f"({_places(repeated)}); each copy is trained on")
+    if trimmed:
+        say(f"{path}: notice: {_count(trimmed, 'conversation ends', 'conversations end')} with user turns that have "
+            f"no answer; they were left out ({_places(trimmed)})")
     return records, fmt
+
+
+def _print_notice(text: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once, not once per data-parallel process
+        print(text, file=sys.stderr, flush=True)
+
+
+def _count(locs: list, one: str, many: str) -> str:
+    return f"1 {one}" if len(locs) == 1 else f"{len(locs)} {many}"
+
+
+def _places(locs: list[int | str], most: int = 10) -> str:
+    """'lines 3, 4' (JSONL/CSV) or 'item 2, item 5' (arrays, tables), the first `most` of them."""
+    shown = ", ".join(map(str, locs[:most]))
+    if all(isinstance(x, int) for x in locs):
+        shown = ("line " if len(locs) == 1 else "lines ") + shown
+    return shown + (f" and {len(locs) - most} more" if len(locs) > most else "")
 
 
 def _where(loc: int | str) -> str:
@@ -106,12 +146,27 @@ def detect_format(obj: dict[str, Any], path: str | Path, lineno: int | str | Non
     for name, required in FORMATS.items():
         if set(required) <= keys:
             return name
+    turns = [k for k in sorted(keys, key=str) if _holds_turns(obj[k])]
+    if turns:
+        raise DataError(path, lineno, f"no known record format in keys {sorted(keys)}; '{turns[0]}' holds chat "
+                                      f"turns: read it with --columns messages={turns[0]}")
     import difflib
     known = sorted({k for req in FORMATS.values() for k in req} | {"input", "system"})
     hints = [f"'{k}' (did you mean '{m[0]}'?)" for k in sorted(keys)
              if k not in known and (m := difflib.get_close_matches(k, known, n=1))]
     hint = f"; unknown key {', '.join(hints)}" if hints else ""
     raise DataError(path, lineno, f"no known record format in keys {sorted(keys)}{hint}; expected {FORMAT_HELP}")
+
+
+def _holds_turns(value: Any) -> bool:
+    """Whether value is a conversation under another name: ShareGPT {"from", "value"} or {"role", "content"} turns."""
+    if isinstance(value, str) and value.lstrip().startswith("["):  # a CSV/Parquet cell holding JSON
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return False
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, dict) and ({"from", "value"} <= set(t) or {"role", "content"} <= set(t)) for t in value)
 
 
 def _text(obj: dict[str, Any], key: str, path: str | Path, lineno: int | str | None, allow_empty: bool = False
@@ -167,6 +222,11 @@ def normalise(obj: dict[str, Any], fmt: str, path: str | Path, lineno: int | str
                                           f"to end its turn without answering; write the answer or remove the turn")
     while messages[-1]["role"] != "assistant":  # trailing user turns have no answer to learn
         messages = messages[:-1]
+    if head:  # a top-level "system", as prompt/response records have it
+        if messages[0]["role"] == "system":
+            raise DataError(path, lineno, "the record has a top-level 'system' and messages[0] is a system turn too; "
+                                          "keep one of them")
+        messages = head + messages
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
 
 

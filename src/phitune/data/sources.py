@@ -143,7 +143,34 @@ def _first_char(p: Path) -> str:
     return head[:1].decode("latin-1")
 
 
+def _not_utf8(path: Path) -> DataError:
+    """The error for a file that is not UTF-8, naming the first line that is not (UTF-8 never splits a line)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(path, lineno, f"not valid UTF-8 at byte {e.start + 1} of the line; save the file "
+                                               f"as UTF-8")
+    return DataError(path, None, "not valid UTF-8; save the file as UTF-8")
+
+
+def _whole_file(path: Path) -> DataError | None:
+    """When a file read as JSON lines is one JSON document spread over lines, the error that says so."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, OSError):
+        return None
+    if isinstance(doc, dict):
+        return DataError(path, None, "holds one JSON object; expected an array of records ([{...}, {...}]) or JSON "
+                                     "lines (one record per line)")
+    if isinstance(doc, list) and path.suffix.lower() != ".json":
+        return DataError(path, None, "holds a JSON array, not JSON lines; name it .json, or write one record per line")
+    return None
+
+
 def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    first = True
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -151,22 +178,27 @@ def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as e:
-                raise DataError(path, lineno, f"not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+                raise DataError(path, lineno, f"not valid UTF-8 at byte {e.start + 1} of the line; save the file as "
+                                              f"UTF-8") from None
             if not line:
                 continue
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+                whole = _whole_file(path) if first else None
+                raise (whole or DataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})")) from None
+            first = False
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         items = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise DataError(path, None, f"not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except json.JSONDecodeError as e:
         raise DataError(path, e.lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(items, list):
+        raise DataError(path, None, f"holds a JSON {type(items).__name__}; expected an array of records")
     for i, obj in enumerate(items):
         yield f"item {i}", obj
 
@@ -189,8 +221,8 @@ def _csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
                                                      f"'{delimiter}' or line breaks")
                     yield start, dict(zip(header, cells))
                 start = reader.line_num + 1
-    except UnicodeDecodeError as e:
-        raise DataError(path, None, f"not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except csv.Error as e:
         raise DataError(path, None, f"not readable as CSV: {e}") from None
 

@@ -12,9 +12,15 @@ SentencePiece-style tokenizers (Phi-3.5's Metaspace `▁`, special tokens that s
 them) give different ids for a piece alone than for the same piece inside the conversation, so the ids of
 the prompt before answer k are exactly encode_prompt(history up to k), and the answer ids are the ones
 the whole rendered conversation tokenises to.
+
+Special-token text inside system and user content ("<|im_end|>\n<|im_start|>system ...") is text, never
+the tokens themselves: otherwise whoever writes a message could open turns of other roles. Such content is
+marked before rendering and the marks become the plain-text ids of that text, the same way for training
+examples and for every prompt, so both still agree.
 """
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from phitune.errors import PhituneError
@@ -25,6 +31,9 @@ if TYPE_CHECKING:
 IGNORE = -100  # label id that the loss skips
 
 _SENTINEL = "\u2063PHITUNE_ANSWER\u2063"
+# Stands for the special-token text number N inside content while a conversation is rendered and tokenised.
+_MARK = "\u2063PHITUNE_TEXT{}\u2063"
+_MARKED = re.compile("\u2063PHITUNE_TEXT(\\d+)\u2063")
 
 
 def _own_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str | None:
@@ -49,6 +58,11 @@ class Template:
         chat_template: a template text to use instead of the tokenizer's own."""
         self.tok = tokenizer
         self.chat_template = _own_chat_template(tokenizer, chat_template)
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        specials = {*tokenizer.all_special_tokens, *(t.content for t in added.values() if t.special)}
+        self._specials = sorted((t for t in specials if t), key=len, reverse=True)  # longest first
+        self._special_text = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
+        self._boundary_ids = {*tokenizer.all_special_ids, *added}  # where the tokenizer splits its input
         has_chat = bool(self.chat_template)
         if kind == "auto":
             kind = "chat" if has_chat else "phi2"
@@ -129,14 +143,91 @@ class Template:
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
         """Text that asks the model for the next assistant turn (history ends with a user turn)."""
-        messages = self._with_system(messages)
+        return self._render_prompt(self._with_system(messages))
+
+    def _render_prompt(self, messages):
         if self.kind == "chat":
             return self._render_chat(messages, True) + self.answer_prefix
         return "".join(t + (self.eos_token if eos else "") for t, _, eos in self._phi2_pieces(messages))
 
     def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of render_prompt(messages), tokenised exactly as in training."""
-        return self._tokenize(self.render_prompt(messages))
+        """Token ids of render_prompt(messages), tokenised exactly as in training (special-token text in system
+        and user content as plain text)."""
+        return self._tokenize(self._render_prompt(self._as_text(self._with_system(messages))))
+
+    # -------------------------------------------------------------- special-token text in content
+    def _as_text(self, messages):
+        """Messages whose system and user content has each special-token text replaced by its mark."""
+        if self._special_text is None:
+            return messages
+        index = {t: i for i, t in enumerate(self._specials)}
+        out = []
+        for m in messages:
+            if m["role"] in ("system", "user") and self._special_text.search(m["content"]):
+                m = {**m, "content": self._special_text.sub(lambda hit: _MARK.format(index[hit.group()]), m["content"])}
+            out.append(m)
+        return out
+
+    def _unmark(self, text):
+        return _MARKED.sub(lambda hit: self._specials[int(hit.group(1))], text)
+
+    def _encode(self, text, add_special_tokens, offsets=False):
+        """The tokenizer's encoding of `text` ({"input_ids"[, "offset_mapping"]}), with each mark in it encoded as
+        the plain text it stands for.
+
+        The tokenizer cuts its input at added tokens and encodes each stretch between them on its own. A stretch
+        that holds a mark is encoded again with the marks' text in place and special tokens read as text; every
+        other id is the tokenizer's own, so content without special-token text costs one tokenizer call."""
+        marked = _MARKED.search(text) is not None
+        kw = {"return_offsets_mapping": True} if offsets or marked else {}
+        enc = self.tok(text, add_special_tokens=add_special_tokens, **kw)
+        if not marked:
+            return enc
+        ids, spans = enc["input_ids"], enc["offset_mapping"]
+        out_ids, out_spans, i = [], [], 0
+        start = 0  # where the current stretch begins in `text`
+        while i < len(ids):
+            if ids[i] in self._boundary_ids:
+                out_ids.append(ids[i])
+                out_spans.append(spans[i])
+                start = max(start, spans[i][1])
+                i += 1
+                continue
+            j = i
+            while j < len(ids) and ids[j] not in self._boundary_ids:
+                j += 1
+            # a token the post-processor added (EOS: span (0, 0)) is no cut in the text
+            end = spans[j][0] if j < len(ids) and spans[j][1] > 0 else len(text)
+            if _MARKED.search(text, start, end):
+                piece_ids, piece_spans = self._plain_text(text, start, end)
+                out_ids += piece_ids
+                out_spans += piece_spans
+            else:
+                out_ids += ids[i:j]
+                out_spans += spans[i:j]
+            i = j
+        return {"input_ids": out_ids, "offset_mapping": out_spans}
+
+    def _plain_text(self, text, start, end):
+        """(ids, spans in `text`) of text[start:end] with its marks replaced by their text, read as plain text."""
+        plain, starts, ends, at = "", [], [], start
+        for hit in _MARKED.finditer(text, start, end):
+            literal = text[at:hit.start()]
+            plain += literal
+            starts += range(at, hit.start())
+            ends += range(at + 1, hit.start() + 1)
+            special = self._specials[int(hit.group(1))]
+            plain += special
+            starts += [hit.start()] * len(special)
+            ends += [hit.end()] * len(special)
+            at = hit.end()
+        plain += text[at:end]
+        starts += range(at, end)
+        ends += range(at + 1, end + 1)
+        enc = self.tok(plain, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        spans = [(starts[a] if a < len(starts) else end, ends[b - 1] if b > 0 else start)
+                 for a, b in enc["offset_mapping"]]
+        return enc["input_ids"], spans
 
     # -------------------------------------------------------------- tokenising
     def encode(self, record: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -151,9 +242,10 @@ class Template:
             if m["role"] == "assistant" and not m["content"].strip():
                 # read_jsonl names the file and line; this catches records built in code. (Chat history
                 # may hold an empty answer: render_prompt accepts it.)
-                raise PhituneError(f"conversation {_opening(messages)}: messages[{i}] is an empty assistant "
+                raise PhituneError(f"conversation {self._opening(messages)}: messages[{i}] is an empty assistant "
                                    f"turn: it would train the model to end its turn without answering; write "
                                    f"the answer or remove the turn")
+        messages = self._as_text(messages)
         segments = self._chat_segments(messages) if self.kind == "chat" else self._phi2_pieces(messages)
         return self._encode_segments(segments)
 
@@ -161,7 +253,7 @@ class Template:
         """BOS is added once, at the very start, unless the template already wrote it."""
         bos = self.tok.bos_token
         add = not (bos and text.startswith(bos))
-        return self.tok(text, add_special_tokens=add)["input_ids"] if text else []
+        return self._encode(text, add)["input_ids"] if text else []
 
     def _encode_segments(self, segments):
         """Tokenise [(text, trained, append_eos)] as one text that grows segment by segment.
@@ -216,9 +308,9 @@ class Template:
         """Ids for text[start:] as it tokenises after text[:start], for a boundary the tokenizer merges across."""
         tok = self.tok
         try:
-            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            enc = self._encode(text, False, offsets=True)
         except (NotImplementedError, ValueError):  # slow tokenizers have no offsets
-            return tok(text[start:], add_special_tokens=False)["input_ids"]
+            return tok(self._unmark(text[start:]), add_special_tokens=False)["input_ids"]
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         first = next((i for i, (a, _) in enumerate(offsets) if a >= start), len(ids))
         gap_from = start
@@ -227,7 +319,7 @@ class Template:
             gap_from = offsets[first - 1][1]  # whitespace an added token swallowed (rstrip) stays swallowed
         gap_to = offsets[first][0] if first < len(ids) else len(text)
         gap = text[gap_from:gap_to]
-        return (tok(gap, add_special_tokens=False)["input_ids"] if gap else []) + ids[first:]
+        return (self._encode(gap, False)["input_ids"] if gap else []) + ids[first:]
 
     def _phi2_pieces(self, messages):
         """[(text, trained, append_eos)]: prompts end with 'Output:', answers are ' <answer>' + EOS."""
@@ -244,6 +336,11 @@ class Template:
             out.append((context, False, False))
         return out
 
+    def _opening(self, messages):
+        """Where a conversation is in the data: the start of its first user message."""
+        first = self._unmark(next((m["content"] for m in messages if m["role"] == "user"), ""))
+        return repr(first[:40] + ("..." if len(first) > 40 else ""))
+
     def _chat_segments(self, messages):
         """Split the rendered conversation into masked context and trained answers, answer by answer.
 
@@ -259,19 +356,19 @@ class Template:
             if not prompt.startswith(consumed) or not full.startswith(prompt):
                 if self.answer_prefix and consumed:
                     raise PhituneError(
-                        f"conversation {_opening(messages)}: the chat template writes {self.answer_prefix!r} only "
+                        f"conversation {self._opening(messages)}: the chat template writes {self.answer_prefix!r} only "
                         f"into the last answer of a conversation, so an earlier answer reads differently once a "
                         f"later turn follows and a multi-turn conversation cannot be trained so that it matches "
                         f"chat; use conversations with one assistant turn, or a chat template that renders every "
                         f"answer the same way")
-                raise PhituneError(f"conversation {_opening(messages)}: the tokenizer's chat template does not "
+                raise PhituneError(f"conversation {self._opening(messages)}: the tokenizer's chat template does not "
                                    f"render a conversation as a prefix of its continuation, so answers cannot be "
                                    f"masked; use --template phi2 or --train_on_prompt")
             answer = full[len(prompt):]
             if self.answer_prefix:
                 if not answer.startswith(self.answer_prefix):
                     raise PhituneError(
-                        f"conversation {_opening(messages)}, messages[{i}]: the chat template rewrote this answer "
+                        f"conversation {self._opening(messages)}, messages[{i}]: the chat template rewrote this answer "
                         f"(it starts {answer[:60]!r} instead of the {self.answer_prefix!r} it writes before every "
                         f"answer, e.g. from a <think> block in the data); remove that from the answer so training "
                         f"matches the prompt chat uses")
@@ -282,9 +379,3 @@ class Template:
             out += [(prompt[len(consumed):], False, False), (answer, True, append_eos)]
             consumed = prompt + answer
         return out
-
-
-def _opening(messages):
-    """Where a conversation is in the data: the start of its first user message."""
-    first = next((m["content"] for m in messages if m["role"] == "user"), "")
-    return repr(first[:40] + ("..." if len(first) > 40 else ""))

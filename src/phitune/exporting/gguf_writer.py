@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -214,14 +216,6 @@ def _pre_tokenizer_name(tj: dict[str, Any]) -> str:
                        f"llama.cpp equivalent; supported: GPT-2 byte-level, SmolLM digits + byte-level, Llama 3")
 
 
-def write_out(w: gguf.GGUFWriter) -> None:
-    """Write everything added to `w` (header, key-values, tensors) into its file, and close it."""
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def add_tokenizer(w: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, cfg: PretrainedConfig, template: Template
                   ) -> None:
     """Vocabulary, merges, token types, pre-tokenizer, special ids and the chat template."""
@@ -245,16 +239,24 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, cfg: P
             types[i] = gguf.TokenType.NORMAL
     byte_fallback = bool(model.get("byte_fallback"))
     if byte_fallback:
-        # SentencePiece-style BPE (Phi-3's tokenizer as tokenizer.json): llama.cpp's "llama" tokenizer merges by
-        # score; ids of such vocabularies are in merge order, so the score is minus the id.
-        import re
+        # SentencePiece-style BPE (Phi-3's tokenizer as tokenizer.json): llama.cpp's "llama" tokenizer merges
+        # the adjacent pair whose joined token scores highest, transformers the pair that comes first in the
+        # merges list. A token's score is therefore minus the rank of its first merge. (Not minus the id: Phi-3
+        # lists the whitespace runs "▁▁", "▁▁▁▁" ... last among the merges although their ids are small.)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
         for i, text in enumerate(tokens):
             if types[i] == gguf.TokenType.NORMAL and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
                 types[i] = gguf.TokenType.BYTE
+        merges = model.get("merges") or []
+        rank: dict[str, int] = {}
+        for r, m in enumerate(merges):
+            left, right = m.split(" ", 1) if isinstance(m, str) else m
+            rank.setdefault(left + right, r)
+        unmerged = len(merges)  # single characters and unreachable pieces: below every merge
         w.add_token_list(tokens)
-        w.add_token_scores([-float(i) if types[i] == gguf.TokenType.NORMAL else -1000.0 for i in range(n_vocab)])
+        w.add_token_scores([-float(rank.get(text, unmerged + i)) if types[i] == gguf.TokenType.NORMAL else -1000.0
+                            for i, text in enumerate(tokens)])
     else:
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(_pre_tokenizer_name(tj))
@@ -281,6 +283,35 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, cfg: P
     if tokenizer.pad_token_id is not None:
         w.add_pad_token_id(tokenizer.pad_token_id)
     w.add_chat_template(chat_template(template))
+
+
+_PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+
+
+def file_name(name: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """general.name for a GGUF of a model with `tokenizer`: `name`, adjusted so that llama.cpp's whitespace
+    rule for special tokens is the tokenizer's.
+
+    A GGUF has no per-token strip flags. llama.cpp makes every special token except <unk>, <s> and
+    <|endoftext|> (and makes "</s>") swallow the whitespace after it when, and only when, general.name
+    contains "phi3" or "phi-3": Phi-3's tokenizer does exactly that (its "<|user|>\n" is one token). So the
+    name carries that marker exactly when the tokenizer strips that way, whatever the run is called.
+    """
+    added = list(tokenizer.added_tokens_decoder.values())
+    rstrip = {t.content for t in added if t.rstrip}
+    vocab = tokenizer.get_vocab()
+    fixed = ("<unk>", "<s>", "<|endoftext|>")
+    phi3_rule = ({t.content for t in added} | {"</s>"}) - set(fixed)
+    phi3_like = bool(rstrip) and rstrip == phi3_rule and all(t in vocab for t in ("</s>", *fixed))
+    if (rstrip and not phi3_like) or any(t.lstrip for t in added):
+        print(f"export: note: some special tokens of this tokenizer strip the whitespace around them "
+              f"({', '.join(sorted(t.content for t in added if t.rstrip or t.lstrip)[:4])}); a GGUF cannot record "
+              f"that, so llama.cpp may split text next to them differently", file=sys.stderr)
+    if phi3_like and not _PHI3_NAME.search(name):
+        return f"{name} (Phi-3)"
+    if not phi3_like:
+        return _PHI3_NAME.sub(lambda m: m.group(0)[:3] + " 3", name)
+    return name
 
 
 PHI2_TEMPLATE = (

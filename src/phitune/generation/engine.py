@@ -27,10 +27,13 @@ from phitune.generation.top_logits import TopLogits
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
+GREEDY_BELOW = 1e-5  # a smaller temperature divides the logits into inf/nan; it means "greedy" anyway
+
+
 @dataclass
 class Sampling:
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
@@ -38,34 +41,82 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return not (self.temperature and self.temperature > 0)
+        return not self.temperature >= GREEDY_BELOW  # also True for nan, which problem() refuses
+
+    def problem(self) -> Optional[tuple]:
+        """(field, what is wrong) for the first setting the engine cannot use, else None."""
+        import math
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return name, f"must be a finite number, got {value}"
+        if self.temperature < 0:
+            return "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}"
+        if not 0 < self.top_p <= 1:
+            return "top_p", f"must be in (0, 1], got {self.top_p}"
+        if self.repetition_penalty <= 0:
+            return "repetition_penalty", f"must be positive, got {self.repetition_penalty}"
+        if self.top_k < 0:
+            return "top_k", f"must be >= 0 (0 = off), got {self.top_k}"
+        if self.max_new_tokens < 1:
+            return "max_new_tokens", f"must be at least 1, got {self.max_new_tokens}"
+        return None
 
 
 class TextStream:
     """Token ids in, text out: holds back a tail that may still become a stop string, and cuts at one.
 
-    The one stop-string implementation used by chat, compare, eval and serve."""
+    The one stop-string implementation used by chat, compare, eval and serve. Each push costs the same
+    however long the answer already is: only the newest tokens are decoded (with the token before them, so
+    that spaces and multi-byte characters come out as a whole decode has them) and only the tail that the
+    new text can complete is searched for stop strings."""
 
     def __init__(self, tokenizer, stop_strings=()):
         self.tok = tokenizer
         self.stops = [s for s in stop_strings if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
         self.text = ""  # everything decoded so far (before any cut)
         self.sent = 0  # characters already handed out
         self.hit = False
+        self._prefix = 0  # ids[_prefix:_read] decode to the end of `text`: context for decoding the next ones
+        self._read = 0  # ids already decoded into `text`
 
     def push(self, ids: list, final: bool = False) -> str:
-        """All generated ids so far -> the new text that is safe to show."""
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:  # a multi-byte character is still incomplete
+        """All generated ids so far -> the new text that is safe to show (nothing more after a stop string)."""
+        if self.hit:
             return ""
-        self.text = text
-        cut = min((i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0),
-                  default=-1)
+        new = self._decode(ids, final)
+        if new is None:  # a multi-byte character is still incomplete
+            return ""
+        start = len(self.text)
+        self.text += new
+        text = self.text
+        # a stop string not seen before ends in the new characters
+        found = (text.find(s, max(0, start - len(s) + 1)) for s in self.stops)
+        cut = min((i for i in found if i >= 0), default=-1)
         if cut >= 0:
             self.hit = True
             return self._emit(cut)
         keep = 0 if final else self._partial_tail(text)
         return self._emit(len(text) - keep)
+
+    def _decode(self, ids, final):
+        """Text of ids[_read:], decoded after the token(s) before them; None while it ends mid-character."""
+        if len(ids) <= self._read:
+            return ""
+        def decode(part):
+            return self.tok.decode(part, skip_special_tokens=True)
+        before = decode(ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        after = decode(ids[self._prefix:])
+        # An unfinished character decodes to U+FFFD; wait for its other bytes (a few tokens at most: past
+        # that, the bytes are invalid for good and the replacement character is the text).
+        if after.endswith("\ufffd") and not final and len(ids) - self._read < 8:
+            return None
+        if not after.startswith(before):  # the tokenizer rewrote the context (rare): decode the window whole
+            before = ""
+            after = after if not self._read else decode(ids[self._read:])
+        self._prefix, self._read = self._read, len(ids)
+        return after[len(before):]
 
     def _partial_tail(self, text):
         """Length of the longest end of `text` that is the beginning of a stop string."""
@@ -96,9 +147,11 @@ class Request:
     stop_ids: list = field(default_factory=list)
     stop_strings: list = field(default_factory=list)
     cancel: Optional[threading.Event] = None
+    logprobs: Optional[int] = None  # record each token's log-probability and this many best alternatives
     on_text: Optional[Callable[[str], None]] = None  # called with each new piece of text
     on_done: Optional[Callable[[Request], None]] = None  # called once, when finish_reason is set
     tokens: list = field(default_factory=list)
+    token_logprobs: list = field(default_factory=list)  # per token (its logprob, [(id, logprob) best first])
     finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
     error: Optional[str] = None
     started: float = 0.0
@@ -158,17 +211,24 @@ class Engine:
         one-adapter-at-a-time paths can run the adapters (modules_to_save, DoRA, LoRA biases...)."""
         return not self.peft or self._rows() is not None
 
-    def joinable(self, waiting: Sequence[Request], room: int) -> list:
+    def joinable(self, waiting: Sequence[Request], room: int, fair: bool = False) -> list:
         """The first `room` of `waiting` that may join the running batch now: any of them where models
-        share batches, else only those of the running model (of the first waiting one when idle)."""
+        share batches, else only those of the running model (of the first waiting one when idle).
+
+        fair (a server, `waiting` oldest first): when the oldest waiting request cannot join, nothing joins,
+        so the batch drains and that request's model gets the next batch; otherwise later requests of the
+        running model could keep it waiting for ever."""
         if self.mixes_models:
             return list(waiting[:room])
         model = self.rows[0].adapter if self.rows else waiting[0].adapter if waiting else None
+        if fair and waiting and waiting[0].adapter != model:
+            return []
         return [r for r in waiting if r.adapter == model][:room]
 
     @torch.no_grad()
     def add(self, requests: list) -> None:
-        """Prefill new requests (left-padded among themselves) and join them to the running batch."""
+        """Prefill new requests (left-padded among themselves) and join them to the running batch. When the
+        prefill fails it raises, and the running batch is as it was."""
         requests = [r for r in requests if not self._cancelled(r)]
         if not requests:
             return
@@ -298,43 +358,72 @@ class Engine:
     def fail(self, error: str, also: tuple | list = ()) -> None:
         """End every row in flight (and `also`) with an error and empty the batch; the model is untouched."""
         for r in [*self.rows, *also]:
-            if not r.done:
-                r.error = error
-                _finish(r, "error")
+            end_with_error(r, error)
         self.rows, self.cache, self.mask, self.next_ids = [], None, None, None
         self.release()
 
     def _accept(self, rows, logits, offset):
-        """Choose each row's next token from its logits; record text, stops and limits."""
-        logits = self.top.refine(logits)
-        chosen = logits.argmax(-1).cpu()
+        """Choose each row's next token from its logits; record text, stops and limits. A row whose turn
+        fails (its sampling, its client's callback) ends with the error alone; the others go on."""
+        try:
+            logits = self.top.refine(logits)
+            chosen = logits.argmax(-1).cpu()
+        except Exception as e:  # nothing to tell the rows apart by: all of these end
+            for r in rows:
+                end_with_error(r, e)
+            return
         now = time.perf_counter()
         for i, r in enumerate(rows):
-            s = r.sampling
-            if s.repetition_penalty != 1.0 or not s.greedy:
-                chosen[i] = _sample(logits[i], r, s)
-            token = int(chosen[i])
-            self.next_ids[offset + i] = token
-            r.tokens.append(token)
-            if r.first_token_s is None:
-                r.first_token_s = now - r.started
-            stop_token = token in r.stop_ids
-            ids = r.tokens[:-1] if stop_token else r.tokens
-            full = stop_token or len(r.tokens) >= s.max_new_tokens
-            piece = r._stream.push(ids, final=full)
-            if piece and r.on_text:
-                r.on_text(piece)
-            if r._stream.hit or stop_token:
-                _finish(r, "stop", now)
-            elif full:
-                _finish(r, "length", now)
+            try:
+                self._advance(r, logits[i], chosen[i], offset + i, now)
+            except Exception as e:
+                end_with_error(r, e)
+
+    def _advance(self, r, logits, chosen, index, now):
+        s = r.sampling
+        if s.repetition_penalty != 1.0 or not s.greedy:
+            chosen = _sample(logits, r, s)
+        token = int(chosen)
+        self.next_ids[index] = token
+        if r.logprobs is not None:  # before on_text: a piece's tokens have their logprobs when it is sent
+            r.token_logprobs.append(_logprobs(logits, token, r.logprobs))
+        r.tokens.append(token)
+        if r.first_token_s is None:
+            r.first_token_s = now - r.started
+        stop_token = token in r.stop_ids
+        ids = r.tokens[:-1] if stop_token else r.tokens
+        full = stop_token or len(r.tokens) >= s.max_new_tokens
+        piece = r._stream.push(ids, final=full)
+        if piece and r.on_text:
+            r.on_text(piece)
+        if r._stream.hit or stop_token:
+            _finish(r, "stop", now)
+        elif full:
+            _finish(r, "length", now)
+
+
+def end_with_error(r: Request, error) -> None:
+    """End one request (in the batch or not) with an error; a batch drops it at its next step."""
+    if not r.done:
+        r.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        _finish(r, "error")
 
 
 def _finish(r, reason, now=None):
     r.finish_reason = reason
     r.seconds = (now or time.perf_counter()) - r.started if r.started else 0.0
     if r.on_done:
-        r.on_done(r)
+        try:
+            r.on_done(r)
+        except Exception:  # a client that is gone cannot be told; its row ends all the same
+            pass
+
+
+def _logprobs(logits, token, k):
+    """The model's log-probability of `token` (before temperature and penalties) and the k best (id, logprob)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = torch.topk(lp, k) if k else None
+    return float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist())) if k else []
 
 
 def _pad_left(t, n, dim=2):
@@ -364,4 +453,6 @@ def _sample(logits, r, s):
         drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest set whose mass reaches top_p
         logits[order[drop]] = float("-inf")
     probs = torch.softmax(logits, -1).cpu()
+    if not torch.isfinite(probs).all():
+        raise ValueError(f"sampling at temperature {s.temperature} gave no usable probabilities")
     return torch.multinomial(probs, 1, generator=r._generator)[0]

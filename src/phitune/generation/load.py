@@ -16,12 +16,14 @@ from typing import Optional
 import torch
 
 from phitune.data.templates import Template
+from phitune.errors import PhituneError
 from phitune.generation import rows
 from phitune.generation.engine import Engine, Request, Sampling
 from phitune.models import adapters
 from phitune.models import loading as models
 
-__all__ = ["Sampling", "Answer", "Loaded", "load", "generate", "generate_jobs", "stream", "stream_ids"]
+__all__ = ["Sampling", "Answer", "Loaded", "load", "generate", "generate_jobs", "stream", "stream_ids",
+           "ContextOverflow"]
 
 
 @dataclass
@@ -67,6 +69,16 @@ class Loaded:
             self._engine = Engine(self)
         return self._engine
 
+    @property
+    def context(self) -> Optional[int]:
+        """The longest prompt + answer the model takes, in tokens (None when its config does not say)."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """How many of max_new_tokens fit after a prompt of prompt_tokens (0 or less: the prompt fills the
+        context); a model decoding past its context answers nonsense or fails."""
+        return max_new_tokens if self.context is None else min(max_new_tokens, self.context - prompt_tokens)
+
     def use(self, name: Optional[str]) -> AbstractContextManager:
         """Context for running the model as adapter `name`, or as the plain base for None."""
         self.engine.release()
@@ -96,6 +108,9 @@ def load(adapter_paths: Sequence[str] = (), model: Optional[str] = None, system_
     names = {}
     for item in adapter_paths:
         name, path = _named(str(item))
+        if name == "base":  # the base model's own name on the page, in compare and on the API
+            raise models.PhituneError(f"adapter 'base' ({path}): that name is the base model's; name the adapter "
+                                      f"yourself with name=DIR, e.g. --adapter_path base-tuned={path}")
         meta = adapters.read_adapter_meta(path)
         name = _unique(name, names)
         names[name], metas[name] = str(path), meta
@@ -177,10 +192,26 @@ def generate(loaded: Loaded, conversations: list, sampling: Sampling = Sampling(
 
 
 def generate_jobs(loaded: Loaded, jobs: list, batch_size: int = 16) -> list:
-    """Answer (conversation, adapter, sampling) jobs; rows of different models share the same batches."""
-    requests = [loaded.request(loaded.template_for(adapter).encode_prompt(conv), adapter, sampling)
-                for conv, adapter, sampling in jobs]
+    """Answer (conversation, adapter, sampling) jobs; rows of different models share the same batches.
+
+    A job whose prompt + max_new_tokens passes the model's context raises ContextOverflow naming it
+    (its index in `jobs`) and the numbers, before anything is generated."""
+    encoded = [loaded.template_for(adapter).encode_prompt(conv) for conv, adapter, _ in jobs]
+    for i, (ids, (_, _, sampling)) in enumerate(zip(encoded, jobs)):
+        if loaded.room(len(ids), sampling.max_new_tokens) < sampling.max_new_tokens:
+            raise ContextOverflow(i, len(ids), sampling.max_new_tokens, loaded.context)
+    requests = [loaded.request(ids, adapter, sampling) for ids, (_, adapter, sampling) in zip(encoded, jobs)]
     return [_answer(r) for r in _run(loaded, requests, batch_size)]
+
+
+class ContextOverflow(PhituneError):
+    """A prompt plus its max_new_tokens does not fit in the model's context."""
+
+    def __init__(self, index: int, prompt_tokens: int, max_new_tokens: int, context: int):
+        self.index, self.prompt_tokens, self.max_new_tokens, self.context = (index, prompt_tokens, max_new_tokens,
+                                                                             context)
+        super().__init__(f"the prompt is {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} that passes "
+                         f"the model's context of {context} tokens")
 
 
 def generate_ids(loaded: Loaded, encoded: list, sampling: Sampling = Sampling(), adapter: Optional[str] = None,

@@ -3,13 +3,18 @@
 Requests wait in a bounded queue; between two decode steps the waiting ones join the running batch
 (up to max_batch rows), and finished or cancelled rows leave it, so a client that disconnects frees
 its row within one step. Every model call happens on this one thread.
+
+Admission is first come, first served: a request whose adapter cannot share the running batch (see
+Engine.joinable) stops later ones from joining, so it waits at most for the batch in flight to end.
+A request that fails (its prefill, its sampling, its client) ends alone; only a failed decode step of
+the whole batch ends every row in it.
 """
 from __future__ import annotations
 
 import collections
 import threading
 
-from phitune.generation.engine import Engine, Request
+from phitune.generation.engine import Engine, Request, end_with_error
 
 
 class Busy(Exception):
@@ -39,6 +44,7 @@ class Scheduler:
         return len(self.engine.rows)
 
     def close(self) -> None:
+        """Stop the thread: rows in flight and requests still waiting end with an error at once."""
         with self._wake:
             self._closed = True
             self._wake.notify()
@@ -54,12 +60,27 @@ class Scheduler:
                     self._waiting.clear()
                     return
                 room = self.max_batch - len(self.engine.rows)
-                joining = self.engine.joinable(list(self._waiting), room) if room > 0 else []
+                joining = self.engine.joinable(list(self._waiting), room, fair=True) if room > 0 else []
                 for r in joining:
                     self._waiting.remove(r)
+            if joining:
+                self._admit(joining)
             try:
-                if joining:
-                    self.engine.add(joining)
                 self.engine.step()
             except Exception as e:  # a failed step ends the rows in flight with the error; the server goes on
-                self.engine.fail(f"{type(e).__name__}: {e}", also=joining)
+                self.engine.fail(f"{type(e).__name__}: {e}")
+
+    def _admit(self, joining: list) -> None:
+        """Prefill the joining requests together; if that fails, each alone, so only the culprit ends."""
+        try:
+            self.engine.add(joining)
+            return
+        except Exception as e:
+            if len(joining) == 1:
+                end_with_error(joining[0], e)
+                return
+        for r in joining:
+            try:
+                self.engine.add([r])
+            except Exception as e:
+                end_with_error(r, e)

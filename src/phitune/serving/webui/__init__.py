@@ -98,15 +98,19 @@ def read_run(path: Path) -> dict:
             "summary": summary, "finished": bool(meta)}
 
 
-def mount(app: object, loaded: object, check_key: object, run_dirs: tuple | list = (),
+def mount(app: object, loaded: object, routes: object, run_dirs: tuple | list = (),
           max_tokens_limit: int | None = None) -> None:
-    """Add the page (GET /, /static/*) and its routes (/phitune/info, /render, /runs) to the FastAPI `app`."""
+    """Add the page (GET /, /static/*) and its routes (/phitune/info, /render, /runs) to the FastAPI `app`.
+
+    `routes` (routes.OpenAIRoutes) checks the key, reads bodies within the server's limit and tokenises off
+    the event loop, for these routes as for the OpenAI ones."""
     from fastapi import Request
     from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
 
     from phitune.serving import schemas as api
 
+    check_key = routes.check_key
     runs = run_dirs_of(loaded, run_dirs)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -121,20 +125,15 @@ def mount(app: object, loaded: object, check_key: object, run_dirs: tuple | list
 
     @app.post("/phitune/render")
     async def render(request: Request):
-        check_key(request)
-        try:
-            body = json.loads(await request.body())
-            model, messages = body["model"], body["messages"]
-            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise api.ApiError(400, 'expected {"model": NAME, "messages": [{"role", "content"}, ...]}',
-                               code="invalid_value") from None
-        if model != "base" and model not in loaded.adapters:
-            raise api.ApiError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
-        template = loaded.template_for(model)
-        text = template.render_prompt(messages)
-        return {"model": model, "prompt": text, "tokens": len(template.encode_prompt(messages)),
-                "stop_tokens": template.stop_tokens}
+        req = api.validate(api.RenderRequest, await routes.read_json(request))
+        if req.model != "base" and req.model not in loaded.adapters:
+            raise api.ApiError(404, f"The model '{req.model}' does not exist", code="model_not_found", param="model")
+        if not req.messages:
+            raise api.ApiError(400, "messages: give at least one message", code="invalid_value", param="messages")
+        template = loaded.template_for(req.model)
+        messages = [m.model_dump() for m in req.messages]
+        text, ids = await routes.off_loop(lambda: (template.render_prompt(messages), template.encode_prompt(messages)))
+        return {"model": req.model, "prompt": text, "tokens": len(ids), "stop_tokens": template.stop_tokens}
 
     @app.get("/phitune/runs")
     async def list_runs(request: Request):

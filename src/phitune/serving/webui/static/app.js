@@ -86,7 +86,8 @@ async function apiJson(path, opts) {
   return body;
 }
 
-// Stream one chat completion; onText(piece) per delta; returns {finish_reason, usage}.
+// Stream one chat completion; onText(piece) per delta; returns {finish_reason, usage}, with lost: true when the
+// stream ended without [DONE] (the server went away or the connection broke).
 async function streamChat(body, signal, onText) {
   const res = await api("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal });
   if (!res.ok) {
@@ -98,7 +99,7 @@ async function streamChat(body, signal, onText) {
   let buffer = "", last = null;
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return last;
+    if (done) return { ...(last || {}), lost: true };
     buffer += decoder.decode(value, { stream: true });
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -107,7 +108,7 @@ async function streamChat(body, signal, onText) {
       for (const line of event.split("\n")) {
         if (!line.startsWith("data:")) continue;
         const data = line.slice(5).trim();
-        if (data === "[DONE]") return last;
+        if (data === "[DONE]") return last || { finish_reason: null };
         const obj = JSON.parse(data);
         if (obj.error) throw new Error(obj.error.message);
         const choice = obj.choices[0];
@@ -221,7 +222,9 @@ function showStats(box, st) {
   if (st.tokens_per_s != null) parts.push(`${st.tokens_per_s.toFixed(1)} tokens/s`);
   box.append(el("span", { text: parts.join(" · ") }));
   const why = { stop: "ended: stop token", length: null, cancelled: "stopped by you" }[st.finish_reason];
-  if (st.finish_reason === "length") {
+  if (st.finish_reason === "lost") {
+    box.append(el("span", { class: "warn", text: "connection lost: the answer ended before the server finished it" }));
+  } else if (st.finish_reason === "length") {
     box.classList.add("limit");
     box.append(el("span", { class: "warn", text: `hit the token limit (${st.max_tokens}): the model did not stop by itself` }));
   } else if (why) {
@@ -251,7 +254,7 @@ async function answer(col, view, s) {
       keepScroll(col.turns, () => { view.text.textContent = raw.replace(/^\s+/, ""); });
     });
     const t1 = performance.now();
-    st.finish_reason = end ? end.finish_reason : "cancelled";
+    st.finish_reason = end.lost ? "lost" : end.finish_reason;
     st.tokens = end && end.usage ? end.usage.completion_tokens : null;
     st.first_token_s = first === null ? null : (first - t0) / 1000;
     if (first !== null && st.tokens > 1 && t1 > first) st.tokens_per_s = (st.tokens - 1) / ((t1 - first) / 1000);
