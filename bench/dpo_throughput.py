@@ -16,8 +16,9 @@ log-probs computed once before the first step).
 Each system is one whole process, timed from start to exit by this script (model loading, tokenising and
 the reference pass included); with --repeats N the figures are medians. Memory: the peak RSS of each
 process; `phitune-sft` trains the chosen answers alone with the same batch size, so the DPO/SFT ratio is
-the cost of the second answer per pair (target: at most 1.3x). Writes bench/dpo_throughput.json and
-prints a markdown table. Needs requirements-bench.txt (TRL) installed.
+the cost of the second answer per pair (target: at most 1.3x); `phitune-sft-rows` trains both answers as
+examples at twice the batch size, the same rows a DPO step holds, so that ratio is DPO's own overhead.
+Writes bench/dpo_throughput.json and prints a markdown table. Needs requirements-bench.txt (TRL) installed.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LORA = dict(r=16, alpha=32, dropout=0.05)
 BATCH, EPOCHS, MAX_LENGTH, BETA, LR = 8, 1, 1024, 0.1, 1e-6
 PROMPT = "Write one sentence describing this restaurant: {mr}"
-SYSTEMS = ("trl", "phitune-dpo", "phitune-sft")
+SYSTEMS = ("trl", "phitune-dpo", "phitune-sft", "phitune-sft-rows")
 
 
 def make_pairs(n: int) -> list[dict]:
@@ -96,10 +97,17 @@ def run_phitune(pairs: list[dict], method: str) -> dict:
     data = tmp / "data.jsonl"
     with open(data, "w", encoding="utf-8") as fh:
         for p in pairs:
-            row = p if method == "dpo" else {"messages": p["prompt"] + p["chosen"]}
-            fh.write(json.dumps(row) + "\n")
+            if method == "dpo":
+                rows = [p]
+            elif method == "sft":
+                rows = [{"messages": p["prompt"] + p["chosen"]}]
+            else:  # sft-rows: both answers as examples, the rows a DPO batch holds
+                rows = [{"messages": p["prompt"] + p[k]} for k in ("chosen", "rejected")]
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
     argv = ["train", "--model", MODEL, "--dataset_path", str(data), "--output_dir", str(tmp / "run"),
-            "--epochs", str(EPOCHS), "--batch_size", str(BATCH), "--gradient_accumulation_steps", "1",
+            "--epochs", str(EPOCHS), "--batch_size", str(2 * BATCH if method == "sft-rows" else BATCH),
+            "--gradient_accumulation_steps", "1",
             "--max_length", str(MAX_LENGTH), "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]),
             "--lora_dropout", str(LORA["dropout"]), "--learning_rate", str(LR), "--val_split", "0"]
     if method == "dpo":
@@ -176,7 +184,8 @@ def main() -> None:
         summary[system]["paths"] = ok[-1].get("paths")
         summary[system]["runs"] = len(ok)
     names = {"trl": "TRL `DPOTrainer`, defaults (+ use_cpu)", "phitune-dpo": "phitune `train --method dpo`",
-             "phitune-sft": "phitune `train` (SFT, chosen answers only)"}
+             "phitune-sft": f"phitune `train` (SFT, chosen answers, batch {BATCH})",
+             "phitune-sft-rows": f"phitune `train` (SFT, chosen and rejected answers, batch {2 * BATCH})"}
     med = " (median)" if args.repeats > 1 else ""
     lines = [f"| system | whole process s{med} | training s | peak RSS MiB | final loss | paths |",
              "|---|---|---|---|---|---|"]
@@ -199,8 +208,13 @@ def main() -> None:
                      f"(target 2x)")
     if "phitune-dpo" in ok and "phitune-sft" in ok:
         ratios["dpo_over_sft_peak_rss"] = ok["phitune-dpo"]["peak_rss_mib"] / ok["phitune-sft"]["peak_rss_mib"]
-        lines.append(f"peak RSS, DPO step / SFT step of the same batch ({BATCH}): "
+        lines.append(f"peak RSS, DPO / SFT of the same batch ({BATCH} pairs vs {BATCH} chosen answers): "
                      f"**{ratios['dpo_over_sft_peak_rss']:.2f}x** (target at most 1.3x)")
+    if "phitune-dpo" in ok and "phitune-sft-rows" in ok:
+        ratios["dpo_over_sft_rows_peak_rss"] = (ok["phitune-dpo"]["peak_rss_mib"]
+                                                / ok["phitune-sft-rows"]["peak_rss_mib"])
+        lines.append(f"peak RSS, DPO / SFT of the same rows ({BATCH} pairs vs {2 * BATCH} answers): "
+                     f"**{ratios['dpo_over_sft_rows_peak_rss']:.2f}x**")
     work = (f"{args.pairs} pairs, LoRA r{LORA['r']}/alpha {LORA['alpha']}/dropout {LORA['dropout']} all-linear, "
             f"batch {BATCH}, {EPOCHS} epoch, max_length {MAX_LENGTH}, beta {BETA}, lr {LR}")
     print(f"\nCPU: {cpu['name']}, {cpu['cpus']} CPUs, flags {' '.join(cpu['flags']) or '-'} ({cpu['kind']}); "
