@@ -16,7 +16,12 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PHITUNE="$PY -m phitune"
 OUT=${OUT:-runs/dpo_task}
-CSV=${E2E_CSV:-../shared/data/e2e/devset.csv}
+# the E2E dev set sits in shared/ beside the checkout (or beside the folder of worktrees); E2E_CSV overrides
+CSV=${E2E_CSV:-}
+if [ -z "$CSV" ]; then
+  for c in ../shared/data/e2e/devset.csv ../../shared/data/e2e/devset.csv; do [ -f "$c" ] && CSV=$c && break; done
+fi
+[ -f "${CSV:-}" ] || { echo "E2E dev set not found: set E2E_CSV to devset.csv" >&2; exit 2; }
 MODEL=${MODEL:-smollm2-135m-instruct}
 SIZE=()
 [ -n "${TRAIN_MRS:-}" ] && SIZE+=(--train_mrs "$TRAIN_MRS")
