@@ -43,6 +43,7 @@ test-fast: setup llamacpp browser
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
 	$(PY) bench/train_throughput.py
+	$(PY) bench/dpo_throughput.py
 
 # Full-size Phi-2 and Phi-3.5-mini (random weights from ../shared/models' real configs) through plan --measure,
 # train, merge, chat, compare, serve and export + llama.cpp: bench/fullsize.json, docs/benchmarks.md. About

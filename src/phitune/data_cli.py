@@ -49,6 +49,9 @@ def main(args: argparse.Namespace) -> int:
     if not path:
         raise PhituneError("give the data: FILE, --dataset_path, or dataset_path: in the --config file")
     kind = sources.detect_kind(path)
+    from phitune.data.pair_source import is_pair_source
+    if is_pair_source(path, args.dataset_split, args.columns):
+        return inspect_pairs(args, path, kind)
     records, fmt = data.read_records(path, args.dataset_split, args.columns)
     print(f"{path}\n" + summary([("source", kind), ("record format", fmt), ("records", f"{len(records):,}")]))
     if not args.model:
@@ -150,3 +153,41 @@ def _piece(tokenizer: PreTrainedTokenizerBase, run: list[int], trained: bool) ->
         return ""
     text = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return f"{OPEN}{text}{CLOSE}" if trained else text
+
+
+def inspect_pairs(args: argparse.Namespace, path: str, kind: str) -> int:
+    """`data inspect` on preference data (chosen/rejected): pair count, token lengths, truncation, and pairs shown
+    as their prompt once, then the chosen and the rejected answer, each with its trained tokens marked."""
+    from phitune.data import pairs as pair_data
+    found, fmt = pair_data.read_pairs(path, args.dataset_split, args.columns)
+    print(f"{path}\n" + summary([("source", kind), ("record format", fmt), ("records", f"{len(found):,} pairs")]))
+    if not args.model:
+        chars = [sum(len(m["content"]) for m in p["prompt"]) + max(len(p["chosen"]), len(p["rejected"]))
+                 for p in found]
+        print("\ncharacters per pair: prompt and the longer answer (give --model for token lengths under its "
+              "template)")
+        print(histogram(chars))
+        return 0
+    from phitune.data.templates import Template
+    from phitune.models import loading as models
+    tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
+    template = Template(tokenizer, args.template, args.system_prompt)
+    encoded = [pair_data.encode_pair(p, template) for p in found]
+    lengths = [pair_data.pair_length(e) for e in encoded]
+    print(f"\ntokens per pair, the longer of chosen and rejected, under {args.model} (template {template.kind}, "
+          f"stops at {', '.join(template.stop_tokens)})")
+    print(histogram(lengths, marker=args.max_length))
+    _, stats = pair_data.encode_pairs(found, template, args.max_length, args.long_examples)
+    print("\n" + stats.report(f"at --max_length {args.max_length}"))
+    for title, i in pick_examples(lengths, args.examples):
+        e = encoded[i]
+        n = e["prompt_len"]
+        print(f"\n--- {title}: pair {i + 1}, chosen {len(e['chosen']['input_ids'])} tokens, rejected "
+              f"{len(e['rejected']['input_ids'])} tokens; trained part between {OPEN} {CLOSE}")
+        prompt = _piece(tokenizer, e["chosen"]["input_ids"][:n], False)
+        print(prompt, end="" if prompt.endswith("\n") else "\n")
+        for key in ("chosen", "rejected"):
+            full = render_marked(tokenizer, e[key]["input_ids"], e[key]["labels"], args.max_length)
+            # the prompt is one untrained run, so the answer is what follows its text (unless the cut is in it)
+            print(f"{key:<8} " + (full[len(prompt):] if full.startswith(prompt) else full))
+    return 0

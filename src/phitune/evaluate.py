@@ -3,6 +3,11 @@
 Answer-token loss and perplexity always; when records carry reference answers, batched greedy generation
 scored with BLEU and chrF (sacrebleu), ROUGE-L and exact match. Records with the same prompt are one
 question with several references (as in E2E).
+
+Preference data ({"prompt","chosen","rejected"}, data/pairs.py) adds, per model, the preference accuracy
+(share of pairs whose chosen answer has the higher summed log-likelihood) and the mean margin (chosen minus
+rejected log-likelihood, in nats); the usual metrics are computed on the chosen answers, which are also the
+references of generation.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from phitune.config import add_arguments, settings
 from phitune.config_commands import EvalArgs, Models
+from phitune.data import pair_source
 from phitune.data import records as data
 from phitune.errors import PhituneError
 from phitune.generation import load as gen
@@ -33,13 +39,23 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run `phitune eval` with parsed args; returns the exit code."""
     args = settings(args, GROUPS)
-    records, fmt = data.read_records(args.data)
+    pairs = None
+    if pair_source.is_pair_source(args.data):
+        from phitune.data import pairs as pair_data
+        pairs, fmt = pair_data.read_pairs(args.data)
+        records = chosen_records(pairs)
+        print(f"{len(pairs)} preference pairs: preference accuracy and margin on the pairs; loss, perplexity and "
+              f"generation on the chosen answers", file=sys.stderr)
+    else:
+        records, fmt = data.read_records(args.data)
     loaded = gen.load(args.adapter_path, args.model, args.system_prompt, args.trust_remote_code, args.precision)
     questions = group_questions(records)
     if args.limit:
         questions = questions[:args.limit]
         keep = {q["key"] for q in questions}
         records = [r for r in records if _key(r) in keep]
+        if pairs is not None:
+            pairs = [p for p in pairs if json.dumps(p["prompt"]) in keep]
     columns = [None] + list(loaded.adapters)
     generating = not args.no_generate and fmt != "text"
     jobs = answer_jobs(loaded, questions, columns, args.max_new_tokens) if generating else []  # checked first
@@ -48,6 +64,8 @@ def main(args: argparse.Namespace) -> int:
         label = "base" if col is None else col
         print(f"scoring {label} ...", file=sys.stderr)
         results[label] = loss_scores(loaded, records, col, args.max_length, args.batch_size)
+        if pairs is not None:
+            results[label].update(preference_scores(loaded, pairs, col, args.max_length, args.batch_size))
     if generating:
         # every model answers every question, all in the same batches
         answers = gen.generate_jobs(loaded, jobs, batch_size=args.batch_size)
@@ -64,6 +82,35 @@ def main(args: argparse.Namespace) -> int:
                                                  "results": results, "deltas": deltas(results)}, indent=2))
         print(f"scores written to {args.output}", file=sys.stderr)
     return 0
+
+
+def chosen_records(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chosen answers of preference pairs as chat records, each (prompt, answer) once."""
+    seen, out = set(), []
+    for p in pairs:
+        record = {"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]}
+        key = json.dumps(record["messages"])
+        if key not in seen:
+            seen.add(key)
+            out.append(record)
+    return out
+
+
+def preference_scores(loaded: gen.Loaded, pairs: list[dict[str, Any]], adapter: str | None, max_length: int,
+                      batch_size: int) -> dict[str, float | int]:
+    """Preference accuracy (share of pairs whose chosen answer has the strictly higher summed log-likelihood)
+    and mean margin (chosen minus rejected, nats) of `pairs` under `adapter` (None: the base model)."""
+    from phitune.data import pairs as pair_data
+    from phitune.training.preference import PairLogps, reference_logps
+    examples, stats = pair_data.encode_pairs(pairs, loaded.template_for(adapter), max_length)
+    if not examples:
+        raise PhituneError("no preference pair has answer tokens within --max_length")
+    module = PairLogps(loaded.model).eval()
+    with loaded.use(adapter):
+        logps = reference_logps(module, examples, batch_size, loaded.tokenizer.pad_token_id, loaded.device)
+    margin = (logps[:, 0] - logps[:, 1]).double()
+    return {"preference_accuracy": float((margin > 0).double().mean()), "margin": float(margin.mean()),
+            "pairs": len(examples), "pairs_truncated": stats.truncated}
 
 
 def answer_jobs(loaded: gen.Loaded, questions: list[dict[str, Any]], columns: list, max_new_tokens: int) -> list:
@@ -161,7 +208,8 @@ def reference_scores(hypotheses: list[str], references: list[list[str]]) -> dict
     return {"bleu": bleu, "chrf": chrf, "rouge_l": 100 * rouge, "exact_match": 100 * exact}
 
 
-METRICS = [("loss", "answer loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("bleu", "BLEU", "{:.2f}"),
+METRICS = [("preference_accuracy", "preference accuracy", "{:.3f}"), ("margin", "margin (nats)", "{:.3f}"),
+           ("loss", "answer loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("bleu", "BLEU", "{:.2f}"),
            ("chrf", "chrF", "{:.2f}"), ("rouge_l", "ROUGE-L", "{:.2f}"), ("exact_match", "exact match %", "{:.1f}")]
 
 

@@ -90,6 +90,10 @@ def read_run(path: Path) -> dict:
     if not summary and rows:  # a run in progress: what the log says so far
         last = rows[-1]
         summary = {"steps": last.get("step"), "epochs": last.get("epoch"), "finished": False}
+        for key in ("accuracy", "margin"):  # preference tuning: the latest training figures
+            latest = next((r[key] for r in reversed(rows) if key in r), None)
+            if latest is not None:
+                summary[key] = latest
     return {"dir": str(path), "rows": rows, "unreadable_lines": bad, "settings": meta.get("training") or {},
             "summary": summary, "finished": bool(meta)}
 

@@ -421,7 +421,8 @@ function restore() {
 
 // ------------------------------------------------------------------ runs: curves from metrics.jsonl
 
-const COLORS = { train: "#2563eb", val: "#dc2626", lr: "#059669" };
+const COLORS = { train: "#2563eb", val: "#dc2626", lr: "#059669", chosen: "#059669", rejected: "#dc2626",
+  margin: "#7c3aed" };
 
 function drawChart(canvas, series, yLabel) {
   const dpr = window.devicePixelRatio || 1;
@@ -492,6 +493,21 @@ async function showRun(name) {
     { name: "val", points: series("val_loss"), color: COLORS.val, dots: true },
   ], "loss");
   drawChart($("#lr-chart"), [{ name: "lr", points: series("lr"), color: COLORS.lr }], "learning rate");
+  // preference tuning (DPO, ORPO) logs rewards of chosen and rejected, their margin and the accuracy
+  const pref = rows.some((r) => typeof r.accuracy === "number" || typeof r["rewards/chosen"] === "number");
+  $("#pref-charts").hidden = !pref;
+  if (pref) {
+    drawChart($("#reward-chart"), [
+      { name: "chosen", points: series("rewards/chosen"), color: COLORS.chosen },
+      { name: "rejected", points: series("rewards/rejected"), color: COLORS.rejected },
+      { name: "margin", points: series("margin"), color: COLORS.margin },
+      { name: "valMargin", points: series("val_margin"), color: COLORS.val, dots: true },
+    ], "reward");
+    drawChart($("#accuracy-chart"), [
+      { name: "train", points: series("accuracy"), color: COLORS.train },
+      { name: "val", points: series("val_accuracy"), color: COLORS.val, dots: true },
+    ], "accuracy");
+  }
   fillTable($("#run-summary"), run.summary);
   fillTable($("#run-settings"), run.settings);
   $("#runs-tab").dataset.loaded = name;
