@@ -206,7 +206,8 @@ def build(args: argparse.Namespace) -> None:
     _write(out / "mine.jsonl", mine)
     _write(out / "test.jsonl", test)
     _write(out / "test_pairs.jsonl", test_pairs)
-    task = {"source": str(Path(args.csv).resolve()), "seed": args.seed, "train_mrs": len(train_mrs), "test_mrs": len(test_mrs),
+    task = {"source": str(Path(args.csv).resolve()), "seed": args.seed, "train_mrs": len(train_mrs),
+            "test_mrs": len(test_mrs),
             "sft_examples": len(sft), "mine_prompts": len(mine), "test_prompts": len(test),
             "test_pairs": len(test_pairs), "vocab": vocab}
     (out / "task.json").write_text(json.dumps(task, ensure_ascii=False, indent=1))
