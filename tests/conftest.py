@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def shared_models():
+    """The real Phi tokenizer and config files (see shared_models_path)."""
+    return shared_models_path()
+
+
+def shared_models_path():
     """The folder of real model files (Phi tokenizers and configs, no weights): PHITUNE_SHARED_MODELS when set,
     else <repository root>/../shared/models (CI clones the repository next to shared/), else /work/shared/models.
     Missing files fail the run rather than skip it: these tests are what checks the real tokenizers."""

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import MEMORISE, ROOT, write_jsonl
+from conftest import MEMORISE, shared_models_path, write_jsonl
 from phitune.config import LoraArgs
 from phitune.hardware import memory
 
@@ -20,12 +20,8 @@ FP32, BF16 = torch.float32, torch.bfloat16
 
 
 def _shared(name):
-    import os
-    from pathlib import Path
-    for p in (os.environ.get("PHITUNE_SHARED_MODELS"), ROOT.parent / "shared" / "models", "/work/shared/models"):
-        if p and (Path(p) / name / "config.json").is_file():
-            return Path(p) / name
-    pytest.skip("../shared/models (the real Phi configs) is not beside the checkout")
+    """The real config folder; missing files fail the run (conftest.shared_models_path)."""
+    return shared_models_path() / name
 
 
 @pytest.mark.parametrize("name", ["phi-2", "phi-3.5-mini-instruct"])

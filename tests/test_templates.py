@@ -341,14 +341,9 @@ def test_content_without_special_text_is_encoded_as_before(phi35):
 
 
 def shared_model_dir(name):
-    """A real Phi tokenizer folder (shared/models): $PHITUNE_SHARED_MODELS, <repo>/../shared/models or /work/shared."""
-    import os
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    for base in (os.environ.get("PHITUNE_SHARED_MODELS"), root.parent / "shared" / "models", "/work/shared/models"):
-        if base and (Path(base) / name / "tokenizer.json").is_file():
-            return Path(base) / name
-    pytest.skip(f"the real {name} tokenizer (shared/models) is not here")
+    """A real Phi tokenizer folder (shared/models); missing files fail the run (conftest.shared_models_path)."""
+    from conftest import shared_models_path
+    return shared_models_path() / name
 
 
 @pytest.mark.parametrize("name,text", [
