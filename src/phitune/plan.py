@@ -315,30 +315,37 @@ def measure(cfg: RunConfig, examples: list[dict[str, list[int]]], pad_id: int, c
 
 class _PeakMemory:
     """Peak memory of the code inside `with` (loading and the steps): CUDA's max_memory_allocated, or on CPU
-    the process's peak anonymous resident memory, sampled every few milliseconds. On CPU that takes in the
-    Python runtime and the moment the weights are loaded in their master dtype, before the LoRA layers' frozen
-    weights are cast down, and leaves out the pages of weight files mapped from disk, which the kernel can
-    drop and read again (they are clean page cache, not memory the run needs)."""
+    the process's peak resident memory of its own: anonymous memory plus the resident pages of weight files
+    it maps, sampled every few milliseconds. That takes in the Python runtime and the moment the weights are
+    loaded in their master dtype, before the LoRA layers' frozen weights are cast down. Weights read straight
+    from a file of the same dtype stay mapped from it (an fp32 checkpoint trained in fp32): every step reads
+    them, so they count. Shared libraries and other mapped files are left out."""
 
     def __init__(self, device):
         self.device, self.peak = device, 0
         self.how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else \
-            "peak anonymous resident memory of the process, loading included"
+            "peak resident memory of the process, its mapped weight files included, loading included"
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             return self
         import threading
-        self.start = _anon_rss()
+        self.weights = _mapped_weights_rss()
+        self.start = _anon_rss() + self.weights
         self.stop, self.sampled = threading.Event(), self.start
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
 
     def _sample(self):
+        # the mapped weight pages change only while loading and cost a walk of /proc/self/smaps: every 0.1 s
+        tick = 0
         while not self.stop.wait(0.003):
-            self.sampled = max(self.sampled, _anon_rss())
+            tick += 1
+            if tick % 33 == 0:
+                self.weights = _mapped_weights_rss()
+            self.sampled = max(self.sampled, _anon_rss() + self.weights)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -346,7 +353,7 @@ class _PeakMemory:
             return False
         self.stop.set()
         self.thread.join()
-        self.peak = max(self.sampled, _anon_rss())
+        self.peak = max(self.sampled, _anon_rss() + _mapped_weights_rss())
         return False
 
 
@@ -361,6 +368,25 @@ def _anon_rss():
         pass
     import psutil
     return psutil.Process().memory_info().rss
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _mapped_weights_rss():
+    """Resident bytes of the weight files this process maps (Linux /proc/self/smaps); 0 elsewhere."""
+    total, counting = 0, False
+    try:
+        with open("/proc/self/smaps") as fh:
+            for line in fh:
+                first = line.split(maxsplit=1)[0]
+                if "-" in first and not first.endswith(":"):  # a mapping's header: address range ... path
+                    counting = line.rstrip().endswith(WEIGHT_FILES)
+                elif counting and first == "Rss:":
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total
 
 
 # ---------------------------------------------------------------- the docs table
