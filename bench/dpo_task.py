@@ -2,7 +2,7 @@
 
     python bench/dpo_task.py build ../shared/data/e2e/devset.csv OUT [--train_mrs N --test_mrs N]
     python bench/dpo_task.py mine OUT runs/sft/final_adapter          # SFT's own answers -> preference pairs
-    python bench/dpo_task.py report OUT scores.json [--doc docs/training.md --minutes M]
+    python bench/dpo_task.py report OUT answers.json --own own.json --synthetic synthetic.json [--doc F]
 
 The task: a meaning representation with its fields in a random order, e.g.
     area[riverside], name[The Eagle], familyFriendly[yes], eatType[coffee shop]
@@ -21,9 +21,12 @@ build (split by MR: no MR in both train and test) writes into OUT:
                      misses (--test_pairs_per_prompt kinds per prompt)
   task.json          the counts and the split
 mine writes OUT/train_pairs.jsonl: for each mining prompt the right JSON as chosen against the SFT model's
-own answer when it is wrong, plus synthetic near misses (mined first, then synthetic, up to --max_pairs).
-report prints the figures of `phitune eval --data test_pairs.jsonl` (SFT alone vs SFT+DPO) and, with --doc,
-writes them between the dpo-task markers of that file.
+own answer when it is wrong, plus synthetic near misses (mined first, then synthetic, up to --max_pairs);
+and OUT/test_pairs_own.jsonl: the SFT model's wrong answers on the held-out prompts against the right JSON
+(the held-out version of what DPO trains on: the model's own mistakes, on records it never saw).
+report prints the figures of `phitune eval` on test.jsonl (exact match over every held-out prompt), on
+test_pairs_own.jsonl and on test_pairs.jsonl (preference accuracy), and, with --doc, writes them between
+the dpo-task markers of that file.
 """
 from __future__ import annotations
 
@@ -221,12 +224,15 @@ def mine(args: argparse.Namespace) -> None:
     from phitune.generation import load as gen
     out = Path(args.out)
     rows = _read(out / "mine.jsonl")
+    held_out = _read(out / "test.jsonl")
     task = json.loads((out / "task.json").read_text())
     by_mr = read_e2e(task["source"])
     loaded = gen.load([f"sft={args.adapter}"], precision=args.precision)
     sampling = gen.Sampling(max_new_tokens=args.max_new_tokens)
-    jobs = [([{"role": "user", "content": r["prompt"]}], "sft", sampling) for r in rows]
+    # the held-out prompts are answered in the same batches; their wrong answers are test pairs only
+    jobs = [([{"role": "user", "content": r["prompt"]}], "sft", sampling) for r in rows + held_out]
     answers = gen.generate_jobs(loaded, jobs, batch_size=args.batch_size)
+    answers, held_answers = answers[:len(rows)], answers[len(rows):]
     rng = random.Random(args.seed)
     mined, synthetic, wrong_answers = [], [], 0
     for r, a in zip(rows, answers):
@@ -242,14 +248,18 @@ def mine(args: argparse.Namespace) -> None:
     rng.shuffle(synthetic)
     pairs = (mined + synthetic)[:args.max_pairs]
     rng.shuffle(pairs)
+    own_test = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": a.text.strip()}
+                for r, a in zip(held_out, held_answers) if a.text.strip() != r["response"]]
     _write(out / "train_pairs.jsonl", pairs)
+    _write(out / "test_pairs_own.jsonl", own_test)
     _write(out / "mined_answers.jsonl", [{"prompt": r["prompt"], "right": r["response"], "answer": a.text}
-                                         for r, a in zip(rows, answers)])
+                                         for r, a in zip(rows + held_out, answers + held_answers)])
     task.update(mined_prompts=len(rows), sft_wrong_on_mining=wrong_answers, train_pairs=len(pairs),
-                train_pairs_mined=min(len(mined), len(pairs)))
+                train_pairs_mined=min(len(mined), len(pairs)), test_pairs_own=len(own_test))
     (out / "task.json").write_text(json.dumps(task, ensure_ascii=False, indent=1))
     print(f"SFT model wrong on {wrong_answers} of {len(rows)} mining prompts; {len(pairs)} training pairs "
-          f"({min(len(mined), len(pairs))} of its own wrong answers, the rest synthetic near misses)")
+          f"({min(len(mined), len(pairs))} of its own wrong answers, the rest synthetic near misses); wrong on "
+          f"{len(own_test)} of {len(held_out)} held-out prompts -> test_pairs_own.jsonl")
 
 
 # ---------------------------------------------------------------- report
@@ -257,21 +267,35 @@ def mine(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> str:
     out = Path(args.out)
     task = json.loads((out / "task.json").read_text())
-    scores = json.loads(Path(args.scores).read_text())
-    res = scores["results"]
-    names = [n for n in ("base", "sft", "dpo") if n in res]
+    def results(paths):  # several eval outputs on the same data: their models side by side
+        merged = {}
+        for path in paths or []:
+            merged.update(json.loads(Path(path).read_text())["results"])
+        return merged
+    answers = results(args.scores)  # eval on test.jsonl: generation
+    own, synthetic = results(args.own), results(args.synthetic)
+    names = [n for n in ("base", "sft", "dpo", "rpo") if n in answers]
+    rows = [(answers, "exact_match", "held-out exact match % (every held-out prompt)", "{:.1f}"),
+            (answers, "rouge_l", "held-out ROUGE-L", "{:.1f}"),
+            (answers, "loss", "answer loss of the right JSON", "{:.4f}"),
+            (own, "preference_accuracy", "preference accuracy, held-out pairs: SFT's own wrong answers", "{:.3f}"),
+            (own, "margin", "mean margin on those (nats)", "{:.2f}"),
+            (synthetic, "preference_accuracy", "preference accuracy, held-out pairs: synthetic near misses",
+             "{:.3f}"),
+            (synthetic, "margin", "mean margin on those (nats)", "{:.2f}")]
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key, label, fmt in (("exact_match", "held-out exact match %", "{:.1f}"),
-                            ("preference_accuracy", "held-out preference accuracy", "{:.3f}"),
-                            ("margin", "mean margin (nats)", "{:.2f}"), ("loss", "answer loss (right JSON)", "{:.4f}")):
-        lines.append(f"| {label} | " + " | ".join(fmt.format(res[n][key]) if key in res[n] else "-" for n in names)
-                     + " |")
+    for res, key, label, fmt in rows:
+        if res:
+            lines.append(f"| {label} | " + " | ".join(fmt.format(res[n][key]) if key in res.get(n, {}) else "-"
+                                                       for n in names) + " |")
     table = "\n".join(lines)
     text = (f"E2E records -> one-line JSON: {task['train_mrs']} training MRs ({task['sft_examples']} SFT examples; "
             f"{task.get('train_pairs', '?')} DPO pairs, {task.get('train_pairs_mined', '?')} of them the SFT "
             f"model's own wrong answers on {task.get('mined_prompts', '?')} new prompts), {task['test_mrs']} held-out "
-            f"MRs ({task['test_prompts']} prompts, {task['test_pairs']} held-out pairs)"
-            + (f"; whole run {args.minutes} min" if args.minutes else "") + ".\n\n" + table)
+            f"MRs ({task['test_prompts']} prompts; {task.get('test_pairs_own', '?')} held-out pairs from the SFT "
+            f"model's wrong answers on them, {task['test_pairs']} with synthetic near misses)"
+            + (f"; whole run {args.minutes} min" if args.minutes else "")
+            + (f"; {args.machine}" if args.machine else "") + ".\n\n" + table)
     print(text)
     if args.doc:
         doc = Path(args.doc)
@@ -306,7 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--seed", type=int, default=7)
     r = sub.add_parser("report")
     r.add_argument("out")
-    r.add_argument("scores")
+    r.add_argument("scores", nargs="+", help="phitune eval --output on test.jsonl (generation: exact match)")
+    r.add_argument("--own", nargs="+", help="phitune eval --output on test_pairs_own.jsonl")
+    r.add_argument("--synthetic", nargs="+", help="phitune eval --output on test_pairs.jsonl")
+    r.add_argument("--machine", help="the CPU the figures come from")
     r.add_argument("--doc")
     r.add_argument("--minutes", type=int)
     args = ap.parse_args(argv)

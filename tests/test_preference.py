@@ -159,6 +159,9 @@ def _perturb(peft_model):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
+RPO_ALPHA = 0.5
+
+
 def _trl_trainer(kind, model_dir, tok, template, tmp_path):
     """TRL's trainer on the same base weights, LoRA shape and prompts (rendered by phitune's template)."""
     import os
@@ -177,8 +180,10 @@ def _trl_trainer(kind, model_dir, tok, template, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     common = dict(output_dir=str(tmp_path / f"trl_{kind}"), report_to=[], beta=BETA, max_length=64, bf16=False,
                   gradient_checkpointing=False, use_cpu=True, seed=0, per_device_train_batch_size=len(PAIRS))
-    if kind == "dpo":
+    if kind in ("dpo", "rpo"):
         from trl import DPOConfig, DPOTrainer
+        if kind == "rpo":  # DPO + the chosen answers' NLL: TRL's "sft" loss term beside "sigmoid"
+            common.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, RPO_ALPHA])
         return DPOTrainer(model=base, args=DPOConfig(**common), processing_class=tok, train_dataset=data,
                           peft_config=lora)
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -200,7 +205,7 @@ def _copy_lora(src, dst):
                 theirs[name].copy_(p)
 
 
-@pytest.mark.parametrize("method", ["dpo", "orpo"])
+@pytest.mark.parametrize("method", ["dpo", "orpo", "rpo"])
 def test_loss_and_gradients_equal_trl(method, tiny_models, tmp_path):
     """phitune's encoding + PairLogps + Objective on the LoRA model as training builds it, against TRL 1.16's
     DPOTrainer / ORPOTrainer compute_loss on the same weights: same token ids, loss and LoRA gradients to 1e-4.
@@ -227,7 +232,7 @@ def test_loss_and_gradients_equal_trl(method, tiny_models, tmp_path):
     ref = preference.reference_logps(module, examples, 2, tok.pad_token_id, torch.device("cpu"))
     module.train()
     _perturb(policy)
-    objective = preference.Objective(method, BETA)
+    objective = preference.Objective("dpo", BETA, RPO_ALPHA) if method == "rpo" else preference.Objective(method, BETA)
     batch = pairs.collate_pairs(examples, tok.pad_token_id, ref_logps=ref, nll_on_prompt=method == "orpo")
     pair_loss, nll_sum, stats = objective.terms(module(**preference.model_inputs(batch)), batch["ref_logps"])
     pairs_n, tokens = objective.norms(batch)
@@ -241,7 +246,7 @@ def test_loss_and_gradients_equal_trl(method, tiny_models, tmp_path):
     _copy_lora(policy, model)
     rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
     trl_batch = trainer.data_collator(rows)
-    if method == "dpo":  # same token ids, same answer positions
+    if method != "orpo":  # same token ids, same answer positions
         width = batch["input_ids"].shape[1]
         assert torch.equal(trl_batch["attention_mask"], batch["attention_mask"][:, :trl_batch["input_ids"].shape[1]])
         assert width == trl_batch["input_ids"].shape[1]
@@ -264,7 +269,7 @@ def test_loss_and_gradients_equal_trl(method, tiny_models, tmp_path):
     for name, g in trl_grads.items():
         torch.testing.assert_close(our_grads[name], g, rtol=0, atol=1e-4, msg=name)
     assert max(g.abs().max().item() for g in trl_grads.values()) > 1e-3  # the gradients are not all ~0
-    if method == "dpo":
+    if method != "orpo":
         logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
         pairs_map = {"rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
                      "margin": "rewards/margins", "accuracy": "rewards/accuracies"}
@@ -417,6 +422,8 @@ def test_bad_preference_data_exits_2_naming_line_and_field(tiny_models, tmp_path
     (["--method", "dpo", "--beta", -1], "beta: must be a number > 0"),
     (["--method", "dpo", "--train_on_prompt"], "train_on_prompt: does not apply to --method dpo"),
     (["--method", "kto"], "invalid choice: 'kto'"),
+    (["--method", "orpo", "--rpo_alpha", 0.5], "rpo_alpha: applies to --method dpo only"),
+    (["--method", "dpo", "--rpo_alpha", -1], "rpo_alpha: must be a number >= 0"),
     (["--method", "dpo", "--adapter_path", "missing_dir"], "missing_dir: adapter directory not found"),
 ])
 def test_bad_preference_settings_exit_2(tiny_models, tmp_path, capsys, extra, problem):

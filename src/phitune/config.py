@@ -157,6 +157,10 @@ class TrainArgs:
     beta: float = opt(0.1, "dpo: beta, how far the tuned policy may move from the reference (higher: stays closer); "
                            "orpo: lambda, the weight of the odds-ratio term beside the NLL of the chosen answers "
                            "(TRL's ORPOConfig calls it beta too); unused by sft")
+    rpo_alpha: float = opt(0.0, "dpo: weight of the chosen answers' NLL (token mean) added to the DPO loss (RPO). "
+                                "DPO alone can lower the chosen answers' likelihood along with the rejected ones', "
+                                "most on near-miss pairs that share most tokens; 0.2-1 keeps them likely. TRL: "
+                                "loss_type [sigmoid, sft], loss_weights [1, alpha]. Default 0: plain DPO")
 
     def __post_init__(self) -> None:
         at_least_one(self, "batch_size", "gradient_accumulation_steps", "save_total_limit", "logging_steps",
@@ -183,6 +187,11 @@ class TrainArgs:
             raise ConfigError("report_to", f"unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
         if not (math.isfinite(self.beta) and self.beta >= 0) or (self.method == "dpo" and self.beta == 0):
             raise ConfigError("beta", f"must be a number > 0 (>= 0 for orpo), got {self.beta}")
+        if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
+            raise ConfigError("rpo_alpha", f"must be a number >= 0, got {self.rpo_alpha}")
+        if self.rpo_alpha and self.method != "dpo":
+            raise ConfigError("rpo_alpha", f"applies to --method dpo only (orpo has its own NLL term); drop it or "
+                                           f"use --method dpo, got --method {self.method}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("max_grad_norm" if self.max_grad_norm < 0 else "weight_decay", "must be >= 0")
 

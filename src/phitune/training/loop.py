@@ -300,4 +300,5 @@ def _to(batch, device):
 def _state(run) -> dict:
     """What a checkpoint's state.json holds: the progress, and the method that wrote it (--resume checks it)."""
     t = run.cfg.train
-    return {**run.progress.to_dict(), "method": t.method, **({"beta": t.beta} if t.method != "sft" else {})}
+    return {**run.progress.to_dict(), "method": t.method, **({"beta": t.beta} if t.method != "sft" else {}),
+            **({"rpo_alpha": t.rpo_alpha} if t.rpo_alpha else {})}

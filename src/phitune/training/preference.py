@@ -8,6 +8,9 @@ tests/test_preference.py checks loss and gradients against them):
   DPO        loss = mean over pairs of -logsigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r)))
              reward = beta * (logp - ref logp); the reference is the policy training started from, its
              log-probs computed once before the first step (reference_logps)
+             with rpo_alpha > 0 (RPO): + rpo_alpha * NLL of the chosen answers (token mean), which keeps the
+             chosen answers likely while the margin grows (TRL: loss_type ["sigmoid", "sft"], loss_weights
+             [1, rpo_alpha])
   ORPO       avg = logp / answer tokens;  log_odds = (avg_c - avg_r) - (log(1 - e^avg_c) - log(1 - e^avg_r))
              loss = NLL of the chosen answers (token mean) + beta * mean over pairs of -logsigmoid(log_odds)
              reward = beta * avg (no reference model). beta is ORPO's lambda, as TRL's ORPOConfig names it.
@@ -23,7 +26,7 @@ Public API for other commands:
                                          sum, NLL tokens); the training forward (CPU fused LoRA, autocast)
   pair_logps(model, batch, average)      -> (chosen_logps, rejected_logps) for a collated pair batch
   dpo_loss(...), orpo_loss(...)          per-pair losses and rewards from log-probs
-  Objective(method, beta)                what one step computes from a PairLogps output; pair_metrics
+  Objective(method, beta, rpo_alpha)     what one step computes from a PairLogps output; pair_metrics
   reference_logps(...)                   the reference log-probs of every pair, batched by length
   pair_stats(...)                        summed validation statistics over held-out pairs
 """
@@ -141,10 +144,14 @@ class Objective:
     """What a DPO or ORPO step computes from PairLogps' output: the loss to back-propagate and the statistics
     (summed over the pairs seen, in STATS order) that make the step's and validation's metrics."""
 
-    def __init__(self, method: str, beta: float = DEFAULT_BETA) -> None:
+    def __init__(self, method: str, beta: float = DEFAULT_BETA, rpo_alpha: float = 0.0) -> None:
         if method not in ("dpo", "orpo"):
             raise ValueError(f"method must be dpo or orpo, got {method!r}")
-        self.method, self.beta = method, beta
+        if rpo_alpha and method != "dpo":
+            raise ValueError("rpo_alpha is a DPO setting (ORPO has its own NLL term)")
+        self.method, self.beta, self.rpo_alpha = method, beta, rpo_alpha
+        # the weight of the chosen answers' NLL in the loss: ORPO's own term, or DPO's RPO term
+        self.nll_weight = 1.0 if method == "orpo" else rpo_alpha
 
     def norms(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(pairs, NLL tokens) of a collated batch: what the step's loss terms are averaged over."""
@@ -167,7 +174,8 @@ class Objective:
                 raise ValueError("DPO needs the reference log-probs of the batch (ref_logps)")
             ref = ref_logps.to(logps.device)
             losses, rc, rr = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.beta)
-            nll_sum = zero
+            if not self.rpo_alpha:
+                nll_sum = zero
             log_odds = ratio = zero
         else:
             n_c, n_r = counts.chunk(2)
@@ -183,20 +191,21 @@ class Objective:
              ) -> torch.Tensor:
         """The step's loss from summed terms and the step's totals (mean over pairs, NLL mean over tokens)."""
         loss = pair_loss / pairs.clamp(min=1)
-        if self.method == "orpo":
-            loss = loss + nll_sum / nll_tokens.clamp(min=1)
+        if self.nll_weight:
+            loss = loss + self.nll_weight * nll_sum / nll_tokens.clamp(min=1)
         return loss
 
     def metrics(self, stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
         """Mean metrics from summed statistics (STATS order, over every process), named with `prefix`."""
         s = dict(zip(STATS, stats.double().tolist()))
         pairs, tokens = max(s["pairs"], 1.0), max(s["nll_tokens"], 1.0)
-        out = {"loss": s["pair_loss"] / pairs + (s["nll"] / tokens if self.method == "orpo" else 0.0),
+        out = {"loss": s["pair_loss"] / pairs + self.nll_weight * s["nll"] / tokens,
                "rewards/chosen": s["chosen"] / pairs, "rewards/rejected": s["rejected"] / pairs,
                "margin": (s["chosen"] - s["rejected"]) / pairs, "accuracy": s["correct"] / pairs}
+        if self.nll_weight:
+            out["nll"] = s["nll"] / tokens
         if self.method == "orpo":
-            out.update(nll=s["nll"] / tokens, log_odds=s["log_odds"] / pairs,
-                       log_odds_ratio=s["log_odds_ratio"] / pairs)
+            out.update(log_odds=s["log_odds"] / pairs, log_odds_ratio=s["log_odds_ratio"] / pairs)
         return {prefix + k: v for k, v in out.items()}
 
 

@@ -210,7 +210,7 @@ def setup(cfg: RunConfig) -> Run:
             *lines, f"gradient checkpointing {plan.checkpointing_reason}")
     if accelerator.is_main_process:
         _preflight(plan, cfg, out, n_trainable, model_config, max(lengths), lambda m: say(accelerator, m))
-    objective = preference.Objective(method, t.beta) if method != "sft" else None
+    objective = preference.Objective(method, t.beta, t.rpo_alpha) if method != "sft" else None
     loss_model = AnswerLoss(model) if objective is None else preference.PairLogps(model)
     pair_module = loss_model if objective is not None else None
     if t.torch_compile:
@@ -275,6 +275,7 @@ def finish(run: Run, stop_reason: Optional[str] = None) -> Path:
                              "lora_layer": run.plan.lora_layer, "gradient_checkpointing": run.plan.checkpointing,
                              "gradient_checkpointing_reason": run.plan.checkpointing_reason},
                 "method": cfg.train.method, "beta": cfg.train.beta if cfg.train.method != "sft" else None,
+                **({"rpo_alpha": cfg.train.rpo_alpha} if cfg.train.rpo_alpha else {}),
                 "start_adapter": _portable(cfg.model.adapter_path) if cfg.model.adapter_path else None,
                 "selected": "best validation loss" if p.best_step else "last step",
                 "stopped": stop_reason, "training": cfg.to_dict(), "metrics": final_metrics}
