@@ -55,9 +55,12 @@ def make_pairs(n: int) -> list[dict]:
     for i in range(n):
         mr, other = mrs[i % len(mrs)], mrs[(i + 1) % len(mrs)]
         refs = by_mr[mr]
+        chosen = refs[(i // len(mrs)) % len(refs)]
+        # two MRs can share a reference text; a pair needs two different answers (phitune refuses the same)
+        rejected = next(r for r in by_mr[other] + [chosen + " Nothing else is known."] if r != chosen)
         out.append({"prompt": [{"role": "user", "content": PROMPT.format(mr=mr)}],
-                    "chosen": [{"role": "assistant", "content": refs[(i // len(mrs)) % len(refs)]}],
-                    "rejected": [{"role": "assistant", "content": by_mr[other][0]}]})
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}]})
     return out
 
 
