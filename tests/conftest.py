@@ -37,6 +37,11 @@ def shared_models_path():
                 f"PHITUNE_SHARED_MODELS to the folder that holds them", pytrace=False)
 
 
+def shared_model_dir(name):
+    """One real model folder of shared_models_path(): phi-2 or phi-3.5-mini-instruct."""
+    return shared_models_path() / name
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Local model directories of tiny random phi, phi3 and llama models."""

@@ -12,16 +12,11 @@ import sys
 import pytest
 import torch
 
-from conftest import MEMORISE, shared_models_path, write_jsonl
+from conftest import MEMORISE, shared_model_dir, write_jsonl
 from phitune.config import LoraArgs
 from phitune.hardware import memory
 
 FP32, BF16 = torch.float32, torch.bfloat16
-
-
-def _shared(name):
-    """The real config folder; missing files fail the run (conftest.shared_models_path)."""
-    return shared_models_path() / name
 
 
 @pytest.mark.parametrize("name", ["phi-2", "phi-3.5-mini-instruct"])
@@ -29,7 +24,7 @@ def test_cpu_estimate_covers_loading_every_weight_in_fp32(name):
     """On CPU the model is loaded in fp32 before the LoRA layers' frozen weights are cast to bf16: full-size
     Phi-2 held 10.7 GiB while loading (measured), its step alone ~6 GiB. The estimate must not miss that."""
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(_shared(name))
+    config = AutoConfig.from_pretrained(shared_model_dir(name))
     shape = memory.model_shape(config)
     est = memory.estimate_memory(shape, LoraArgs(), 1, 128, False, FP32, BF16, "cpu")
     assert est.total_bytes >= shape.params * 4 + est.trainable * 4
@@ -49,7 +44,7 @@ def test_measure_on_a_config_only_dir_counts_loading(tmp_path):
     fp32 weights as loaded. It used to start counting after loading, when the LoRA layers' frozen weights are
     bf16 already, and so agreed with an estimate that left loading out (both ~1.4 GiB here; loading holds 1.6)."""
     from transformers import AutoConfig
-    src = _shared("phi-3.5-mini-instruct")
+    src = shared_model_dir("phi-3.5-mini-instruct")
     cfg = AutoConfig.from_pretrained(src)
     cfg.num_hidden_layers = 2
     model_dir = tmp_path / "phi-3.5-2-layers"

@@ -149,8 +149,8 @@ class Objective:
             raise ValueError(f"method must be dpo or orpo, got {method!r}")
         if rpo_alpha and method != "dpo":
             raise ValueError("rpo_alpha is a DPO setting (ORPO has its own NLL term)")
-        self.method, self.beta, self.rpo_alpha = method, beta, rpo_alpha
-        # the weight of the chosen answers' NLL in the loss: ORPO's own term, or DPO's RPO term
+        self.method, self.beta = method, beta
+        # the weight of the chosen answers' NLL in the loss: ORPO's own term, or DPO's RPO term (0: none)
         self.nll_weight = 1.0 if method == "orpo" else rpo_alpha
 
     def norms(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -174,7 +174,7 @@ class Objective:
                 raise ValueError("DPO needs the reference log-probs of the batch (ref_logps)")
             ref = ref_logps.to(logps.device)
             losses, rc, rr = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.beta)
-            if not self.rpo_alpha:
+            if not self.nll_weight:
                 nll_sum = zero
             log_odds = ratio = zero
         else:
